@@ -1,0 +1,227 @@
+// The CPU GEMM, written once over a lane type V (see vec_*.h) and instantiated per instruction set.
+//
+// BLIS-style blocking, sized for the small MLP shapes this library exists for:
+//   - B is packed, KC rows x NRW columns at a time, into a zero-padded panel that stays in L1;
+//     packing also absorbs B's layout (a transposed weight is transposed 16x16 in registers).
+//   - A is never packed: the micro-kernel only broadcasts single elements of it, so any strides
+//     work (dW reads dz transposed for free).
+//   - The micro-kernel keeps an MR x NRW tile of C in registers for a whole KC block; the last
+//     block applies the epilogue (bias, ReLU, 1-bit mask) before the only store of the result.
+// Each element of C is summed in the same order whatever the thread split, so results do not
+// depend on the number of threads.
+//
+// Included by the gemm_<isa>.cpp translation units only, after they define FASTMLP_ISA_NS, so the
+// symbols of every instruction set stay apart.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace fastmlp::cpu {
+void* scratch(int64_t bytes);  // thread-local, 64-byte aligned, grows only (dispatch.cpp)
+}
+
+namespace fastmlp::cpu::FASTMLP_ISA_NS {
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline uint64_t low_bits(int n) { return n >= 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1; }
+
+// Reads n <= 32 mask bits starting at bit j of a packed row, without touching bytes past them.
+inline uint32_t read_bits(const uint8_t* row, int64_t j, int n) {
+  const uint8_t* p = row + j / 8;
+  const int shift = int(j % 8);
+  const int nbytes = (shift + n + 7) / 8;
+  uint64_t w = 0;
+  for (int k = 0; k < nbytes; ++k) w |= uint64_t(p[k]) << (8 * k);
+  return uint32_t((w >> shift) & low_bits(n));
+}
+
+template <class V, int MR, int NRV, int KC>
+struct GemmImpl {
+  using T = typename V::T;
+  using reg = typename V::reg;
+  static constexpr int L = V::L;
+  static constexpr int NRW = NRV * L;  // columns of one packed panel / one micro-tile
+  static_assert(NRW % 8 == 0 && NRW <= 64, "a tile's mask bits must fill whole bytes of a uint64");
+
+  struct Tile {
+    int64_t kc;
+    const T* a;  // A(i0, pc)
+    int64_t a_rs, a_cs;
+    const T* bp;  // packed panel, kc x NRW
+    T* c;         // C(i0, j0)
+    int64_t ldc;
+    int ncols;        // valid columns in this tile, 1..NRW
+    bool accumulate;  // C already holds the sum over earlier KC blocks
+    bool final;       // last KC block: apply the epilogue
+    const T* bias;    // bias + j0, or null
+    bool relu;
+    uint8_t* mask;  // mask row i0, byte j0 / 8
+    int64_t ldm;
+  };
+
+  template <int R, int Q>
+  static void tile(const Tile& t) {
+    reg acc[R][Q];
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < Q; ++q) {
+        const int n = int(imin(L, t.ncols - q * L));
+        T* cp = t.c + r * t.ldc + q * L;
+        acc[r][q] = !t.accumulate ? V::zero() : n == L ? V::load(cp) : V::load_n(cp, n);
+      }
+
+    const T* ap[R];
+    for (int r = 0; r < R; ++r) ap[r] = t.a + r * t.a_rs;
+    const T* bp = t.bp;
+    const int64_t a_cs = t.a_cs;
+    for (int64_t p = 0; p < t.kc; ++p, bp += NRW) {
+      reg b[Q];
+      for (int q = 0; q < Q; ++q) b[q] = V::load(bp + q * L);
+      for (int r = 0; r < R; ++r) {
+        const reg av = V::bcast(ap[r][p * a_cs]);
+        for (int q = 0; q < Q; ++q) acc[r][q] = V::fma(av, b[q], acc[r][q]);
+      }
+    }
+
+    for (int r = 0; r < R; ++r) {
+      uint64_t bits = 0;
+      for (int q = 0; q < Q; ++q) {
+        const int n = int(imin(L, t.ncols - q * L));
+        reg v = acc[r][q];
+        if (t.final) {
+          if (t.bias) v = V::add(v, n == L ? V::load(t.bias + q * L) : V::load_n(t.bias + q * L, n));
+          if (t.relu) {
+            bits |= uint64_t(V::gt0_bits(v) & low_bits(n)) << (q * L);
+            v = V::relu(v);
+          }
+        }
+        T* cp = t.c + r * t.ldc + q * L;
+        if (n == L) V::store(cp, v);
+        else V::store_n(cp, v, n);
+      }
+      if (t.final && t.relu) {
+        uint8_t* m = t.mask + r * t.ldm;
+        for (int k = 0; k < (t.ncols + 7) / 8; ++k) m[k] = uint8_t(bits >> (8 * k));
+      }
+    }
+  }
+
+  // Runtime (rows, vectors) -> the instantiation for it.
+  template <int R, int Q = NRV>
+  static void tile_q(int q, const Tile& t) {
+    if (q == Q) return tile<R, Q>(t);
+    if constexpr (Q > 1) tile_q<R, Q - 1>(q, t);
+  }
+  template <int R = MR>
+  static void tile_rq(int r, int q, const Tile& t) {
+    if (r == R) return tile_q<R>(q, t);
+    if constexpr (R > 1) tile_rq<R - 1>(r, q, t);
+  }
+
+  // dst (kc x NRW) = B(pc .. pc+kc, j0 .. j0+ncols), zero-padded to whole vectors (the micro-kernel
+  // reads only the first ceil(ncols / L) vectors of each panel row).
+  static void pack_panel(const Gemm<T>& g, int64_t pc, int64_t kc, int64_t j0, int ncols, T* dst) {
+    const T* src = g.b + pc * g.b_rs + j0 * g.b_cs;
+    const int width = (ncols + L - 1) / L * L;
+    if (g.b_cs == 1) {
+      for (int64_t p = 0; p < kc; ++p) {
+        const T* s = src + p * g.b_rs;
+        T* d = dst + p * NRW;
+        for (int j = 0; j < width; j += L) {
+          const int n = int(imin(L, ncols - j));
+          V::store(d + j, n == L ? V::load(s + j) : V::load_n(s + j, n));
+        }
+      }
+      return;
+    }
+    if (g.b_rs == 1) {  // B is stored transposed: each of its columns is contiguous
+      // L x L blocks in registers; a partial block (last rows of the panel or of B) goes through a
+      // zero-padded copy, so padding columns come out as zeros too.
+      alignas(64) T tmp[L * L];
+      for (int64_t p = 0; p < kc; p += L) {
+        const int np = int(imin(L, kc - p));
+        for (int jj = 0; jj < width; jj += L) {
+          const int nj = int(imin(L, ncols - jj));
+          T* d = dst + p * NRW + jj;
+          if (np == L && nj == L) {
+            V::transpose(src + jj * g.b_cs + p, g.b_cs, d, NRW);
+            continue;
+          }
+          for (int j = 0; j < L; ++j)
+            for (int q = 0; q < L; ++q) tmp[j * L + q] = j < nj && q < np ? src[(jj + j) * g.b_cs + p + q] : T(0);
+          if (np == L) {
+            V::transpose(tmp, L, d, NRW);
+          } else {
+            alignas(64) T out[L * L];
+            V::transpose(tmp, L, out, L);
+            for (int q = 0; q < np; ++q) V::store(d + q * NRW, V::load(out + q * L));
+          }
+        }
+      }
+      return;
+    }
+    for (int64_t p = 0; p < kc; ++p)
+      for (int j = 0; j < width; ++j) dst[p * NRW + j] = j < ncols ? src[p * g.b_rs + j * g.b_cs] : T(0);
+  }
+
+  static void gemm_block(const Gemm<T>& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    if (r1 <= r0 || c1 <= c0) return;
+    T* panel = static_cast<T*>(scratch(int64_t(sizeof(T)) * KC * NRW));
+    // inner == 0 still needs one pass: C = epilogue(0).
+    const int64_t inner = g.inner;
+    for (int64_t j0 = c0; j0 < c1; j0 += NRW) {
+      const int ncols = int(imin(NRW, c1 - j0));
+      const int nvec = (ncols + L - 1) / L;
+      for (int64_t pc = 0; pc < inner || (pc == 0 && inner == 0); pc += KC) {
+        const int64_t kc = imin(KC, inner - pc);
+        pack_panel(g, pc, kc, j0, ncols, panel);
+        Tile t;
+        t.kc = kc;
+        t.a_rs = g.a_rs;
+        t.a_cs = g.a_cs;
+        t.bp = panel;
+        t.ldc = g.ldc;
+        t.ncols = ncols;
+        t.accumulate = pc > 0;
+        t.final = pc + KC >= inner;
+        t.bias = g.bias ? g.bias + j0 : nullptr;
+        t.relu = g.relu;
+        t.ldm = g.ldm;
+        for (int64_t i0 = r0; i0 < r1; i0 += MR) {
+          t.a = g.a + i0 * g.a_rs + pc * g.a_cs;
+          t.c = g.c + i0 * g.ldc + j0;
+          t.mask = g.relu ? g.mask + i0 * g.ldm + j0 / 8 : nullptr;
+          tile_rq(int(imin(MR, r1 - i0)), nvec, t);
+        }
+      }
+    }
+  }
+
+  static void drelu_bias_grad(int64_t rows, int64_t c0, int64_t c1, const T* gy, int64_t ldg,
+                              const uint8_t* mask, int64_t ldm, T* dz, T* gb) {
+    for (int64_t j = c0; j < c1; j += L) {
+      const int n = int(imin(L, c1 - j));
+      reg sum = V::zero();
+      for (int64_t i = 0; i < rows; ++i) {
+        reg v = V::load_n(gy + i * ldg + j, n);
+        if (mask) v = V::keep_bits(read_bits(mask + i * ldm, j, n), v);
+        if (dz) V::store_n(dz + i * ldg + j, v, n);
+        sum = V::add(sum, v);
+      }
+      if (gb) V::store_n(gb + j, sum, n);
+    }
+  }
+
+  static KernelTable<T> table() {
+    KernelTable<T> k;
+    k.gemm_block = &gemm_block;
+    k.drelu_bias_grad = &drelu_bias_grad;
+    k.panel_cols = NRW;
+    k.rows_per_tile = MR;
+    k.col_align = NRW;
+    return k;
+  }
+};
+
+}  // namespace fastmlp::cpu::FASTMLP_ISA_NS

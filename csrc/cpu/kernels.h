@@ -1,0 +1,68 @@
+// Interface between the ATen-facing ops (csrc/cpu/*.cpp) and the per-ISA kernels.
+//
+// The kernels work on raw pointers only and never include ATen, so each ISA translation unit can be
+// compiled for its own instruction set (see gemm_avx512.cpp) without leaking wide instructions into
+// code shared with the rest of the process.
+#pragma once
+
+#include <cstdint>
+
+namespace fastmlp::cpu {
+
+// C(i, j) = sum_p A(i, p) * B(p, j), for a rectangular block of C.
+//   A(i, p) = a[i * a_rs + p * a_cs]   (any strides: A is only ever broadcast element by element)
+//   B(p, j) = b[p * b_rs + j * b_cs]   (packed into cache-sized panels by the kernel itself)
+//   C(i, j) = c[i * ldc + j]
+// Optional epilogue on the finished sums: + bias[j], then ReLU with a 1-bit mask
+// (bit (j % 8) of mask[i * ldm + j / 8] is set iff the pre-activation is > 0).
+template <typename T>
+struct Gemm {
+  int64_t rows = 0, cols = 0, inner = 0;
+  const T* a = nullptr;
+  int64_t a_rs = 0, a_cs = 0;
+  const T* b = nullptr;
+  int64_t b_rs = 0, b_cs = 0;
+  T* c = nullptr;
+  int64_t ldc = 0;
+  const T* bias = nullptr;
+  bool relu = false;
+  uint8_t* mask = nullptr;  // required when relu is set
+  int64_t ldm = 0;
+};
+
+// One instruction set's kernels. Column ranges handed to gemm_block must start at a multiple of
+// `col_align` so that no two threads ever write the same mask byte.
+template <typename T>
+struct KernelTable {
+  // Computes C rows [r0, r1) x cols [c0, c1) of the problem.
+  void (*gemm_block)(const Gemm<T>& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1);
+  // dz = gy where the mask bit is set, else 0; gb[j] += sum_i dz(i, j) over rows [0, rows) for
+  // cols [c0, c1). Either of dz / gb may be null. mask == nullptr means "no ReLU" (dz = gy).
+  void (*drelu_bias_grad)(int64_t rows, int64_t c0, int64_t c1, const T* gy, int64_t ldg,
+                          const uint8_t* mask, int64_t ldm, T* dz, T* gb);
+  int64_t panel_cols;     // width of one packed B panel (columns a micro-kernel produces at once)
+  int64_t rows_per_tile;  // rows of C a micro-kernel produces at once
+  int64_t col_align;   // alignment of column ranges (a multiple of 8)
+};
+
+struct Kernels {
+  const char* isa;
+  KernelTable<float> f32;
+  KernelTable<double> f64;
+};
+
+// Defined by each ISA translation unit. The avx512/avx2 ones exist only on x86-64.
+const Kernels& kernels_generic();
+#if defined(__x86_64__) || defined(_M_X64)
+const Kernels& kernels_avx2();
+const Kernels& kernels_avx512();
+#endif
+
+// The table in use: the best the CPU supports, or the one named by $FASTMLP_CPU_ISA / set_isa().
+const Kernels& active_kernels();
+// Returns false if `isa` is unknown or not supported by this CPU.
+bool set_isa(const char* isa);
+// The instruction sets this CPU can run, best first (e.g. "avx512,avx2,generic").
+const char* supported_isas();
+
+}  // namespace fastmlp::cpu

@@ -1,0 +1,234 @@
+// CPU implementations of the fastmlp ops: argument checks, output allocation and the split of each
+// GEMM over ATen's intra-op threads. The arithmetic itself is in gemm_impl.h.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+
+#include "kernels.h"
+
+namespace fastmlp::cpu {
+
+namespace {
+
+using at::Tensor;
+
+// Below this many flops a GEMM runs on the calling thread: waking the pool costs more.
+constexpr int64_t kParallelFlops = int64_t(1) << 19;
+// Elementwise passes (dReLU + bias grad) split only above this many elements.
+constexpr int64_t kParallelElems = int64_t(1) << 16;
+
+int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int threads_for(int64_t work, int64_t threshold) {
+  if (work < threshold || at::in_parallel_region()) return 1;
+  return std::max(1, at::get_num_threads());
+}
+
+// Splits C over threads along columns (whole panels, so packed B is never shared and mask bytes
+// never straddle threads) or, when there are too few panels to balance, along rows.
+template <typename T>
+void run_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
+  const int64_t nt = threads_for(2 * g.rows * g.cols * std::max<int64_t>(g.inner, 1), kParallelFlops);
+  if (nt == 1) {
+    k.gemm_block(g, 0, g.rows, 0, g.cols);
+    return;
+  }
+  const int64_t panels = div_up(g.cols, k.panel_cols);
+  const int64_t row_tiles = div_up(g.rows, k.rows_per_tile);
+  // Imbalance of each split: the busiest thread's share over the mean share.
+  const double col_imb = double(div_up(panels, nt)) * nt / double(panels);
+  const double row_imb = double(div_up(row_tiles, nt)) * nt / double(row_tiles);
+  const bool by_cols = panels >= nt && col_imb <= row_imb;
+  const int64_t parts = by_cols ? std::min(nt, panels) : std::min(nt, row_tiles);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (by_cols) {
+        const int64_t p0 = panels * t / parts, p1 = panels * (t + 1) / parts;
+        k.gemm_block(g, 0, g.rows, p0 * k.panel_cols, std::min(g.cols, p1 * k.panel_cols));
+      } else {
+        const int64_t r0 = row_tiles * t / parts, r1 = row_tiles * (t + 1) / parts;
+        k.gemm_block(g, r0 * k.rows_per_tile, std::min(g.rows, r1 * k.rows_per_tile), 0, g.cols);
+      }
+    }
+  });
+}
+
+// dz = gy masked by the ReLU bits (or gy itself when mask is null); gb = column sums of dz.
+template <typename T>
+void run_drelu_bias_grad(const KernelTable<T>& k, int64_t rows, int64_t cols, const T* gy,
+                         const uint8_t* mask, int64_t ldm, T* dz, T* gb) {
+  const int64_t nt = threads_for(rows * cols, kParallelElems);
+  const int64_t chunks = div_up(cols, k.col_align);
+  if (nt == 1 || chunks < 2) {
+    k.drelu_bias_grad(rows, 0, cols, gy, cols, mask, ldm, dz, gb);
+    return;
+  }
+  at::parallel_for(0, chunks, div_up(chunks, nt), [&](int64_t begin, int64_t end) {
+    k.drelu_bias_grad(rows, begin * k.col_align, std::min(cols, end * k.col_align), gy, cols, mask,
+                      ldm, dz, gb);
+  });
+}
+
+template <typename T>
+const KernelTable<T>& table();
+template <>
+const KernelTable<float>& table<float>() {
+  return active_kernels().f32;
+}
+template <>
+const KernelTable<double>& table<double>() {
+  return active_kernels().f64;
+}
+
+void check_float(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64 on the CPU, got ", t.scalar_type());
+}
+
+// Checks the (x, w, b) triple shared by every op; returns nothing, throws with the argument name.
+void check_linear_args(const char* op, const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (batch, in_features), got shape ", x.sizes());
+  TORCH_CHECK(w.dim() == 2, op, ": w must be 2-D (out_features, in_features), got shape ", w.sizes());
+  check_float(x, op, "x");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": w has dtype ", w.scalar_type(),
+              " but x has dtype ", x.scalar_type(), "; they must match");
+  TORCH_CHECK(w.device() == x.device(), op, ": w is on ", w.device(), " but x is on ", x.device());
+  TORCH_CHECK(x.size(1) == w.size(1), op, ": x has ", x.size(1), " features but w expects ",
+              w.size(1), " (w has shape ", w.sizes(), ")");
+  if (b.has_value()) {
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == w.size(0), op, ": b must have shape (", w.size(0),
+                ",), got ", b->sizes());
+    TORCH_CHECK(b->scalar_type() == x.scalar_type(), op, ": b has dtype ", b->scalar_type(),
+                " but x has dtype ", x.scalar_type(), "; they must match");
+    TORCH_CHECK(b->device() == x.device(), op, ": b is on ", b->device(), " but x is on ", x.device());
+  }
+}
+
+void check_grad_args(const char* op, const Tensor& gy, const Tensor& x, const Tensor& w) {
+  check_linear_args(op, x, w, std::nullopt);
+  TORCH_CHECK(gy.dim() == 2 && gy.size(0) == x.size(0) && gy.size(1) == w.size(0), op,
+              ": gy must have shape (", x.size(0), ", ", w.size(0), "), got ", gy.sizes());
+  TORCH_CHECK(gy.scalar_type() == x.scalar_type(), op, ": gy has dtype ", gy.scalar_type(),
+              " but x has dtype ", x.scalar_type(), "; they must match");
+  TORCH_CHECK(gy.device() == x.device(), op, ": gy is on ", gy.device(), " but x is on ", x.device());
+}
+
+Tensor unused(const Tensor& like) { return at::empty({0}, like.options()); }
+
+template <typename T>
+std::tuple<Tensor, Tensor> forward(const Tensor& x_, const Tensor& w_, const std::optional<Tensor>& b_,
+                                   bool relu) {
+  const Tensor x = x_.contiguous(), w = w_.contiguous();
+  const Tensor b = b_.has_value() ? b_->contiguous() : Tensor();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  Tensor y = at::empty({M, N}, x.options());
+  Tensor mask = relu ? at::empty({M, div_up(N, 8)}, x.options().dtype(at::kByte)) : Tensor();
+  if (M == 0 || N == 0) return {y, mask};
+  Gemm<T> g;
+  g.rows = M, g.cols = N, g.inner = K;
+  g.a = x.const_data_ptr<T>(), g.a_rs = K, g.a_cs = 1;
+  g.b = w.const_data_ptr<T>(), g.b_rs = 1, g.b_cs = K;  // B = w.T
+  g.c = y.mutable_data_ptr<T>(), g.ldc = N;
+  g.bias = b.defined() ? b.const_data_ptr<T>() : nullptr;
+  g.relu = relu;
+  g.mask = relu ? mask.mutable_data_ptr<uint8_t>() : nullptr;
+  g.ldm = div_up(N, 8);
+  run_gemm(table<T>(), g);
+  return {y, mask};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& gy_, const Tensor& x_, const Tensor& w_,
+                                            const Tensor* mask_, std::array<bool, 3> needs) {
+  const Tensor gy = gy_.contiguous(), x = x_.contiguous(), w = w_.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const auto& k = table<T>();
+  Tensor gx = needs[0] ? at::empty({M, K}, x.options()) : unused(x);
+  Tensor gw = needs[1] ? at::empty({N, K}, x.options()) : unused(x);
+  Tensor gb = needs[2] ? at::empty({N}, x.options()) : unused(x);
+
+  // dz: the gradient at the pre-activation. Without a ReLU it is gy itself.
+  Tensor dz = gy;
+  if (mask_ != nullptr && (needs[0] || needs[1])) dz = at::empty({M, N}, x.options());
+  if (needs[2] || mask_ != nullptr) {
+    const uint8_t* mask = mask_ ? mask_->const_data_ptr<uint8_t>() : nullptr;
+    T* dz_out = (mask_ != nullptr && (needs[0] || needs[1])) ? dz.mutable_data_ptr<T>() : nullptr;
+    if (dz_out || needs[2])
+      run_drelu_bias_grad<T>(k, M, N, gy.const_data_ptr<T>(), mask, div_up(N, 8), dz_out,
+                             needs[2] ? gb.mutable_data_ptr<T>() : nullptr);
+  }
+  if (needs[0] && M > 0 && K > 0) {  // gx = dz @ w
+    Gemm<T> g;
+    g.rows = M, g.cols = K, g.inner = N;
+    g.a = dz.const_data_ptr<T>(), g.a_rs = N, g.a_cs = 1;
+    g.b = w.const_data_ptr<T>(), g.b_rs = K, g.b_cs = 1;
+    g.c = gx.mutable_data_ptr<T>(), g.ldc = K;
+    run_gemm(k, g);
+  }
+  if (needs[1] && N > 0 && K > 0) {  // gw = dz.T @ x  (zeros for an empty batch)
+    Gemm<T> g;
+    g.rows = N, g.cols = K, g.inner = M;
+    g.a = dz.const_data_ptr<T>(), g.a_rs = 1, g.a_cs = N;
+    g.b = x.const_data_ptr<T>(), g.b_rs = K, g.b_cs = 1;
+    g.c = gw.mutable_data_ptr<T>(), g.ldc = K;
+    run_gemm(k, g);
+  }
+  return {gx, gw, gb};
+}
+
+#define FASTMLP_DISPATCH_FLOAT(dtype, op, ...)                         \
+  [&] {                                                                \
+    if ((dtype) == at::kDouble) {                                      \
+      using scalar_t = double;                                         \
+      return __VA_ARGS__();                                            \
+    }                                                                  \
+    TORCH_CHECK((dtype) == at::kFloat, op, ": unsupported dtype ", dtype); \
+    using scalar_t = float;                                            \
+    return __VA_ARGS__();                                              \
+  }()
+
+std::tuple<Tensor, Tensor> linear_relu_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  constexpr const char* op = "fastmlp::linear_relu_fwd";
+  check_linear_args(op, x, w, b);
+  return FASTMLP_DISPATCH_FLOAT(x.scalar_type(), op, [&] { return forward<scalar_t>(x, w, b, true); });
+}
+
+Tensor linear_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  constexpr const char* op = "fastmlp::linear_fwd";
+  check_linear_args(op, x, w, b);
+  return FASTMLP_DISPATCH_FLOAT(x.scalar_type(), op,
+                                [&] { return std::get<0>(forward<scalar_t>(x, w, b, false)); });
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_relu_bwd(const Tensor& gy, const Tensor& x, const Tensor& w,
+                                                   const Tensor& mask, std::array<bool, 3> needs) {
+  constexpr const char* op = "fastmlp::linear_relu_bwd";
+  check_grad_args(op, gy, x, w);
+  TORCH_CHECK(mask.scalar_type() == at::kByte, op, ": mask must be uint8, got ", mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == x.size(0) && mask.size(1) == div_up(w.size(0), 8), op,
+              ": mask must have shape (", x.size(0), ", ", div_up(w.size(0), 8), "), got ", mask.sizes());
+  TORCH_CHECK(mask.device() == x.device(), op, ": mask is on ", mask.device(), " but x is on ", x.device());
+  const Tensor m = mask.contiguous();
+  return FASTMLP_DISPATCH_FLOAT(x.scalar_type(), op, [&] { return backward<scalar_t>(gy, x, w, &m, needs); });
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& gy, const Tensor& x, const Tensor& w,
+                                              std::array<bool, 3> needs) {
+  constexpr const char* op = "fastmlp::linear_bwd";
+  check_grad_args(op, gy, x, w);
+  return FASTMLP_DISPATCH_FLOAT(x.scalar_type(), op, [&] { return backward<scalar_t>(gy, x, w, nullptr, needs); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
+  m.impl("linear_relu_fwd", &linear_relu_fwd);
+  m.impl("linear_relu_bwd", &linear_relu_bwd);
+  m.impl("linear_fwd", &linear_fwd);
+  m.impl("linear_bwd", &linear_bwd);
+}
+
+}  // namespace fastmlp::cpu

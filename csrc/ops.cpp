@@ -1,0 +1,49 @@
+// The fastmlp operator library: every schema in one place, plus the few build/runtime facts the
+// Python package reads. Kernels register themselves per device in csrc/cpu and csrc/cuda.
+//
+// Semantics (x: (M, K), w: (N, K), b: (N,), all 2-D and of one floating dtype):
+//   linear_relu_fwd(x, w, b)           -> (y, mask)  y = relu(x @ w.T + b); mask = packbits(y > 0)
+//   linear_relu_bwd(gy, x, w, mask, n) -> (gx, gw, gb)  through dz = gy * unpackbits(mask)
+//   linear_fwd(x, w, b)                -> y         y = x @ w.T + b
+//   linear_bwd(gy, x, w, n)            -> (gx, gw, gb)
+// mask is uint8 of shape (M, ceil(N / 8)): bit (j % 8) of byte mask[i, j / 8] is y[i, j] > 0
+// (numpy.packbits(y > 0, axis=1, bitorder="little")). needs = [gx, gw, gb]; an output that is not
+// needed is returned as an empty tensor of shape (0,).
+#include <torch/extension.h>
+
+#include "cpu/kernels.h"
+
+#ifdef FASTMLP_WITH_CUDA
+namespace fastmlp::cuda {
+const char* compiled_arch_list();
+}
+#endif
+
+TORCH_LIBRARY(fastmlp, m) {
+  m.def("linear_relu_fwd(Tensor x, Tensor w, Tensor? b) -> (Tensor, Tensor)");
+  m.def("linear_relu_bwd(Tensor gy, Tensor x, Tensor w, Tensor mask, bool[3] needs) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_fwd(Tensor x, Tensor w, Tensor? b) -> Tensor");
+  m.def("linear_bwd(Tensor gy, Tensor x, Tensor w, bool[3] needs) -> (Tensor, Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastmlp compiled kernels (ops are registered under torch.ops.fastmlp)";
+  m.def("torch_version", [] { return std::string(FASTMLP_TORCH_VERSION); },
+        "The torch version this extension was compiled against.");
+  m.def("cpu_isa", [] { return std::string(fastmlp::cpu::active_kernels().isa); },
+        "Instruction set of the CPU kernels in use.");
+  m.def("supported_cpu_isas", [] { return std::string(fastmlp::cpu::supported_isas()); });
+  m.def("set_cpu_isa", [](const std::string& isa) {
+        TORCH_CHECK(fastmlp::cpu::set_isa(isa.c_str()), "fastmlp: CPU instruction set '", isa,
+                    "' is unknown or not supported here; supported: ", fastmlp::cpu::supported_isas(),
+                    " (or 'auto')");
+      },
+      "Select the CPU kernels: 'auto', 'avx512', 'avx2' or 'generic'.");
+  m.def("cuda_arch_list", [] {
+#ifdef FASTMLP_WITH_CUDA
+    return std::string(fastmlp::cuda::compiled_arch_list());
+#else
+    return std::string();
+#endif
+  }, "SM architectures the CUDA sources were compiled for; empty for a CPU-only build.");
+}

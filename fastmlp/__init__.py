@@ -1,0 +1,72 @@
+"""fastmlp: hand-written fused Linear+ReLU kernels for training small MLPs fast.
+
+    import fastmlp
+    layer = fastmlp.FusedLinearReLU(784, 256)      # == nn.Sequential(nn.Linear(784, 256), nn.ReLU())
+    model = fastmlp.FusedMLP([784, 128, 64, 10])   # ReLU after each hidden layer
+    model = fastmlp.convert(plain_model)           # Linear->ReLU pairs become FusedLinearReLU
+    fastmlp.backend()                              # what serves the ops here
+"""
+
+import torch as _torch
+
+from . import _ops
+from . import functional
+from .functional import linear, linear_relu
+from .modules import FusedLinearReLU, FusedMLP, Linear, convert, plain_mlp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedLinearReLU",
+    "FusedMLP",
+    "Linear",
+    "backend",
+    "backend_info",
+    "convert",
+    "functional",
+    "linear",
+    "linear_relu",
+    "plain_mlp",
+    "set_cpu_isa",
+]
+
+
+def backend(device="cpu") -> str:
+    """What serves fastmlp's ops for tensors on `device`:
+
+    "compiled"  hand-written kernels from the compiled extension
+    "fallback"  the pure-PyTorch reference (no extension, or no kernels for that device yet)
+    """
+    kind = _torch.device(device).type
+    if kind == "cpu":
+        return "compiled" if _ops._C is not None else "fallback"
+    if kind == "cuda":
+        return "compiled" if _ops.CUDA_KERNELS else "fallback"
+    raise ValueError(f"fastmlp.backend: unsupported device type {kind!r} (cpu or cuda)")
+
+
+def backend_info() -> dict:
+    """Details behind backend(): extension status, CPU instruction set, CUDA build."""
+    info = {
+        "extension": _ops._C is not None,
+        "cpu": backend("cpu"),
+        "cuda": backend("cuda"),
+        "torch": _torch.__version__,
+    }
+    if _ops._C is None:
+        info["fallback_reason"] = _ops.FALLBACK_REASON
+    else:
+        info["cpu_isa"] = _ops._C.cpu_isa()
+        info["supported_cpu_isas"] = _ops._C.supported_cpu_isas().split(",")
+        info["cuda_archs"] = _ops._C.cuda_arch_list()
+    return info
+
+
+def set_cpu_isa(isa: str = "auto") -> None:
+    """Select the CPU kernels: "auto" (best for this CPU), "avx512", "avx2" or "generic".
+
+    Also settable before import with FASTMLP_CPU_ISA. Mainly for testing and benchmarking.
+    """
+    if _ops._C is None:
+        raise RuntimeError(f"fastmlp.set_cpu_isa: no compiled extension ({_ops.FALLBACK_REASON})")
+    _ops._C.set_cpu_isa(isa)

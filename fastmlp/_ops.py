@@ -1,0 +1,160 @@
+"""Loads the compiled extension, or falls back to the pure-PyTorch reference, and gives every op of
+the `fastmlp` namespace its fake (meta) implementation and its autograd formula.
+
+After import, torch.ops.fastmlp.{linear_relu_fwd, linear_relu_bwd, linear_fwd, linear_bwd} exist
+whatever the backend (schemas: csrc/ops.cpp).
+"""
+
+import os
+import warnings
+
+import torch
+
+from . import _reference as ref
+
+SCHEMAS = {
+    "linear_relu_fwd": "linear_relu_fwd(Tensor x, Tensor w, Tensor? b) -> (Tensor, Tensor)",
+    "linear_relu_bwd": "linear_relu_bwd(Tensor gy, Tensor x, Tensor w, Tensor mask, bool[3] needs)"
+    " -> (Tensor, Tensor, Tensor)",
+    "linear_fwd": "linear_fwd(Tensor x, Tensor w, Tensor? b) -> Tensor",
+    "linear_bwd": "linear_bwd(Tensor gy, Tensor x, Tensor w, bool[3] needs) -> (Tensor, Tensor, Tensor)",
+}
+_REFERENCE = {
+    "linear_relu_fwd": ref.linear_relu_fwd,
+    "linear_relu_bwd": ref.linear_relu_bwd,
+    "linear_fwd": ref.linear_fwd,
+    "linear_bwd": ref.linear_bwd,
+}
+
+REBUILD_HINT = "pip install --no-build-isolation --force-reinstall --no-deps ."
+
+
+def _load_extension():
+    """Returns (module or None, reason it is None)."""
+    if os.environ.get("FASTMLP_DISABLE_EXTENSION", "0") == "1":
+        return None, "disabled by FASTMLP_DISABLE_EXTENSION=1"
+    try:
+        from . import _build_meta
+    except ImportError:
+        return None, "the compiled extension is not built"
+    if _build_meta.TORCH_VERSION != torch.__version__:
+        raise ImportError(
+            f"fastmlp's compiled extension was built against torch {_build_meta.TORCH_VERSION}, but "
+            f"torch {torch.__version__} is installed. Rebuild it against this torch: {REBUILD_HINT}"
+        )
+    try:
+        from . import _C
+    except ImportError as e:
+        return None, f"the compiled extension failed to load ({e})"
+    return _C, None
+
+
+_C, FALLBACK_REASON = _load_extension()
+
+# Kept alive for the life of the process: dropping a Library unregisters what it registered.
+_LIBS = []
+
+if _C is None:
+    if not FALLBACK_REASON.startswith("disabled"):
+        warnings.warn(
+            f"fastmlp: {FALLBACK_REASON}; using the pure-PyTorch fallback (same results, no fused "
+            f"kernels). To build the kernels: {REBUILD_HINT}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    _lib = torch.library.Library("fastmlp", "DEF")
+    for _name, _schema in SCHEMAS.items():
+        _lib.define(_schema)
+        _lib.impl(_name, _REFERENCE[_name], "CompositeExplicitAutograd")
+    _LIBS.append(_lib)
+    CUDA_KERNELS = False
+else:
+    # No hand-written CUDA kernels are registered yet: CUDA tensors take the PyTorch reference.
+    _lib = torch.library.Library("fastmlp", "IMPL")
+    for _name in SCHEMAS:
+        _lib.impl(_name, _REFERENCE[_name], "CUDA")
+    _LIBS.append(_lib)
+    CUDA_KERNELS = False
+
+
+# ---- fake (meta) implementations: shapes and dtypes only -------------------------------------
+
+
+def _grad_shapes(x, w, needs):
+    m, k = x.shape
+    n = w.shape[0]
+    return (
+        x.new_empty((m, k) if needs[0] else (0,)),
+        x.new_empty((n, k) if needs[1] else (0,)),
+        x.new_empty((n,) if needs[2] else (0,)),
+    )
+
+
+@torch.library.register_fake("fastmlp::linear_relu_fwd")
+def _(x, w, b):
+    m, n = x.shape[0], w.shape[0]
+    return x.new_empty((m, n)), x.new_empty((m, (n + 7) // 8), dtype=torch.uint8)
+
+
+@torch.library.register_fake("fastmlp::linear_fwd")
+def _(x, w, b):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@torch.library.register_fake("fastmlp::linear_relu_bwd")
+def _(gy, x, w, mask, needs):
+    return _grad_shapes(x, w, needs)
+
+
+@torch.library.register_fake("fastmlp::linear_bwd")
+def _(gy, x, w, needs):
+    return _grad_shapes(x, w, needs)
+
+
+# ---- autograd ------------------------------------------------------------------------------
+
+
+def _needs(ctx):
+    return [
+        bool(ctx.needs_input_grad[0]),
+        bool(ctx.needs_input_grad[1]),
+        bool(ctx.has_bias and ctx.needs_input_grad[2]),
+    ]
+
+
+def _grads_or_none(grads, needs):
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _setup_linear_relu(ctx, inputs, output):
+    x, w, b = inputs
+    _, mask = output
+    ctx.has_bias = b is not None
+    ctx.mark_non_differentiable(mask)
+    ctx.save_for_backward(x, w, mask)
+
+
+def _backward_linear_relu(ctx, gy, _gmask):
+    x, w, mask = ctx.saved_tensors
+    needs = _needs(ctx)
+    grads = torch.ops.fastmlp.linear_relu_bwd(gy, x, w, mask, needs)
+    return _grads_or_none(grads, needs)
+
+
+def _setup_linear(ctx, inputs, output):
+    x, w, b = inputs
+    ctx.has_bias = b is not None
+    ctx.save_for_backward(x, w)
+
+
+def _backward_linear(ctx, gy):
+    x, w = ctx.saved_tensors
+    needs = _needs(ctx)
+    grads = torch.ops.fastmlp.linear_bwd(gy, x, w, needs)
+    return _grads_or_none(grads, needs)
+
+
+torch.library.register_autograd(
+    "fastmlp::linear_relu_fwd", _backward_linear_relu, setup_context=_setup_linear_relu
+)
+torch.library.register_autograd("fastmlp::linear_fwd", _backward_linear, setup_context=_setup_linear)

@@ -1,0 +1,40 @@
+"""The public functional API: drop-in counterparts of torch.relu(F.linear(...)) and F.linear.
+
+Inputs of any leading shape (..., in_features) are flattened to 2-D for the kernels and reshaped
+back, like nn.Linear. Gradients flow to input, weight and bias through the fused backward ops.
+"""
+
+import torch
+
+from . import _ops  # noqa: F401  (registers torch.ops.fastmlp.*)
+
+
+def _flatten(name, x, weight, bias):
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"fastmlp.{name}: input and weight must be tensors")
+    if x.dim() == 0:
+        raise RuntimeError(f"fastmlp.{name}: input must have at least 1 dimension, got a 0-d tensor")
+    if weight.dim() != 2:
+        raise RuntimeError(
+            f"fastmlp.{name}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
+        )
+    if x.shape[-1] != weight.shape[1]:
+        raise RuntimeError(
+            f"fastmlp.{name}: input has {x.shape[-1]} features (last dimension of shape "
+            f"{tuple(x.shape)}) but weight expects {weight.shape[1]}"
+        )
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"fastmlp.{name}: bias must be a tensor or None")
+    return x.reshape(-1, x.shape[-1])
+
+
+def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(x @ weight.T + bias) in one fused kernel; equals torch.relu(F.linear(x, weight, bias))."""
+    y, _ = torch.ops.fastmlp.linear_relu_fwd(_flatten("linear_relu", x, weight, bias), weight, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias; equals F.linear(x, weight, bias)."""
+    y = torch.ops.fastmlp.linear_fwd(_flatten("linear", x, weight, bias), weight, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

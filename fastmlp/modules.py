@@ -1,0 +1,121 @@
+"""Drop-in modules: FusedLinearReLU and Linear subclass nn.Linear (same parameters, initialisation and
+state_dict keys), FusedMLP stacks them, convert() rewrites an existing model in place of
+Linear -> ReLU pairs."""
+
+import copy
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+
+class FusedLinearReLU(nn.Linear):
+    """nn.Linear followed by nn.ReLU, computed by one fused kernel.
+
+    Same constructor, parameters, initialisation and state_dict keys as nn.Linear, so checkpoints
+    move both ways between the two.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear_relu(x, self.weight, self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FusedLinearReLU":
+        """A module sharing `linear`'s parameters (no copy)."""
+        return _adopt(cls, linear)
+
+
+class Linear(nn.Linear):
+    """nn.Linear on fastmlp's kernels (for output layers, which have no ReLU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Linear":
+        """A module sharing `linear`'s parameters (no copy)."""
+        return _adopt(cls, linear)
+
+
+def _adopt(cls, linear):
+    m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    m.weight = linear.weight
+    m.bias = linear.bias
+    m.train(linear.training)
+    return m
+
+
+class FusedMLP(nn.Sequential):
+    """An MLP with ReLU after every hidden layer and none after the last, e.g. FusedMLP([784, 128, 64, 10]).
+
+    Layers are numbered as in the equivalent plain model nn.Sequential(Linear, ReLU, Linear, ReLU,
+    Linear), i.e. "0", "2", "4", so state_dicts load into either (see to_torch()).
+    """
+
+    def __init__(self, sizes: Sequence[int], bias: bool = True, device=None, dtype=None):
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2 or any(s <= 0 for s in sizes):
+            raise ValueError(f"FusedMLP: sizes must list at least two positive widths, got {list(sizes)}")
+        layers = OrderedDict()
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            cls = Linear if i == len(sizes) - 2 else FusedLinearReLU
+            layers[str(2 * i)] = cls(fan_in, fan_out, bias=bias, device=device, dtype=dtype)
+        super().__init__(layers)
+        self.sizes = tuple(sizes)
+
+    def to_torch(self) -> nn.Sequential:
+        """The same network as plain nn.Linear/nn.ReLU modules (plain_mlp), with copies of the weights."""
+        first = self[0]
+        plain = plain_mlp(self.sizes, bias=first.bias is not None, device=first.weight.device, dtype=first.weight.dtype)
+        plain.load_state_dict(self.state_dict())
+        return plain
+
+    @classmethod
+    def from_torch(cls, model: nn.Module) -> "FusedMLP":
+        """A FusedMLP with copies of the weights of `model`'s nn.Linear layers, taken in order
+        (e.g. a plain Linear/ReLU/.../Linear nn.Sequential)."""
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("FusedMLP.from_torch: the model has no nn.Linear layers")
+        sizes = [linears[0].in_features] + [m.out_features for m in linears]
+        first = linears[0]
+        out = cls(sizes, bias=first.bias is not None, device=first.weight.device, dtype=first.weight.dtype)
+        with torch.no_grad():
+            for dst, src in zip(out, linears):
+                if src.in_features != dst.in_features or (src.bias is None) != (dst.bias is None):
+                    raise ValueError("FusedMLP.from_torch: the nn.Linear layers do not form a chain")
+                dst.weight.copy_(src.weight)
+                if src.bias is not None:
+                    dst.bias.copy_(src.bias)
+        return out
+
+
+def plain_mlp(sizes: Sequence[int], bias: bool = True, device=None, dtype=None) -> nn.Sequential:
+    """The plain-PyTorch twin of FusedMLP(sizes): nn.Sequential(Linear, ReLU, ..., Linear)."""
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out, bias=bias, device=device, dtype=dtype))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def convert(module: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replaces every nn.Linear directly followed by nn.ReLU inside an nn.Sequential (at any depth)
+    with a FusedLinearReLU holding the same parameters, and that ReLU with nn.Identity (so module
+    names and state_dict keys do not change). Everything else is left as it is.
+
+    Returns a converted deep copy, or `module` itself converted when inplace=True.
+    """
+    root = module if inplace else copy.deepcopy(module)
+    for seq in [m for m in root.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for this, nxt in zip(names, names[1:]):
+            lin, act = seq._modules[this], seq._modules[nxt]
+            if type(lin) is nn.Linear and type(act) is nn.ReLU:
+                seq._modules[this] = FusedLinearReLU.from_linear(lin)
+                seq._modules[nxt] = nn.Identity()
+    return root
