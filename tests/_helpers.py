@@ -1,0 +1,30 @@
+"""Shared helpers for the op/module tests (kept out of conftest.py on purpose: plain imports)."""
+
+import pytest
+import torch
+
+import fastmlp
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+def cpu_isas():
+    info = fastmlp.backend_info()
+    return info.get("supported_cpu_isas", ["fallback"])
+
+
+def assert_close_to_truth(ours, theirs, truth, name, factor=4.0):
+    """float32 tolerance derived from PyTorch's own error: our distance from the float64 truth must be
+    within `factor` times PyTorch's distance from it (plus a hair for values PyTorch gets exact)."""
+    assert ours.shape == truth.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(truth.shape)}"
+    if truth.numel() == 0:
+        return
+    truth = truth.double()
+    their_err = (theirs.double() - truth).abs().max().item()
+    our_err = (ours.double() - truth).abs().max().item()
+    scale = truth.abs().max().item()
+    tol = factor * their_err + 1e-6 * max(scale, 1.0)
+    assert our_err <= tol, f"{name}: max error {our_err:.3g} vs PyTorch's {their_err:.3g} (tol {tol:.3g})"
