@@ -9,6 +9,12 @@
 // mask is uint8 of shape (M, ceil(N / 8)): bit (j % 8) of byte mask[i, j / 8] is y[i, j] > 0
 // (numpy.packbits(y > 0, axis=1, bitorder="little")). needs = [gx, gw, gb]; an output that is not
 // needed is returned as an empty tensor of shape (0,).
+//
+//   mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay) -> loss
+// one training step of the MLP relu(...relu(x @ w0.T + b0)...) @ wL.T + bL with mean softmax
+// cross-entropy against `target` (int64 class indices), updating weights, biases and their momentum
+// buffers in place exactly as torch.optim.SGD(lr, momentum, weight_decay) does after backward().
+// biases may be empty (no bias); the buffer lists may be empty when momentum == 0.
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
@@ -24,6 +30,9 @@ TORCH_LIBRARY(fastmlp, m) {
   m.def("linear_relu_bwd(Tensor gy, Tensor x, Tensor w, Tensor mask, bool[3] needs) -> (Tensor, Tensor, Tensor)");
   m.def("linear_fwd(Tensor x, Tensor w, Tensor? b) -> Tensor");
   m.def("linear_bwd(Tensor gy, Tensor x, Tensor w, bool[3] needs) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "mlp_sgd_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
+      "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float lr, float momentum, float weight_decay) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

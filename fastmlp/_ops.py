@@ -1,7 +1,7 @@
 """Loads the compiled extension, or falls back to the pure-PyTorch reference, and gives every op of
 the `fastmlp` namespace its fake (meta) implementation and its autograd formula.
 
-After import, torch.ops.fastmlp.{linear_relu_fwd, linear_relu_bwd, linear_fwd, linear_bwd} exist
+After import, torch.ops.fastmlp.{linear_relu_fwd, linear_relu_bwd, linear_fwd, linear_bwd, mlp_sgd_step} exist
 whatever the backend (schemas: csrc/ops.cpp).
 """
 
@@ -18,12 +18,15 @@ SCHEMAS = {
     " -> (Tensor, Tensor, Tensor)",
     "linear_fwd": "linear_fwd(Tensor x, Tensor w, Tensor? b) -> Tensor",
     "linear_bwd": "linear_bwd(Tensor gy, Tensor x, Tensor w, bool[3] needs) -> (Tensor, Tensor, Tensor)",
+    "mlp_sgd_step": "mlp_sgd_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
+    "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float lr, float momentum, float weight_decay) -> Tensor",
 }
 _REFERENCE = {
     "linear_relu_fwd": ref.linear_relu_fwd,
     "linear_relu_bwd": ref.linear_relu_bwd,
     "linear_fwd": ref.linear_fwd,
     "linear_bwd": ref.linear_bwd,
+    "mlp_sgd_step": ref.mlp_sgd_step,
 }
 
 REBUILD_HINT = "pip install --no-build-isolation --force-reinstall --no-deps ."
@@ -109,6 +112,11 @@ def _(gy, x, w, mask, needs):
 @torch.library.register_fake("fastmlp::linear_bwd")
 def _(gy, x, w, needs):
     return _grad_shapes(x, w, needs)
+
+
+@torch.library.register_fake("fastmlp::mlp_sgd_step")
+def _(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay):
+    return x.new_empty(())
 
 
 # ---- autograd ------------------------------------------------------------------------------

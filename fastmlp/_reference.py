@@ -51,3 +51,34 @@ def linear_bwd(gy, x, w, needs):
 def linear_relu_bwd(gy, x, w, mask, needs):
     dz = gy * unpack_bits(mask, w.shape[0]).to(gy.dtype)
     return linear_bwd(dz, x, w, needs)
+
+
+def mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay):
+    """Forward, mean cross-entropy, backward and torch.optim.SGD's update, all in place."""
+    with torch.no_grad():
+        n_layers = len(weights)
+        inputs, masks = [x], []
+        for i, w in enumerate(weights):
+            z = torch.nn.functional.linear(inputs[-1], w, biases[i] if biases else None)
+            if i + 1 < n_layers:
+                masks.append(z > 0)
+                z = torch.relu(z)
+            inputs.append(z)
+        logits = inputs[-1]
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        dz = torch.softmax(logits, dim=1)
+        dz[torch.arange(len(target), device=x.device), target] -= 1
+        dz /= len(target)
+        for i in reversed(range(n_layers)):
+            w = weights[i]
+            grads = [(w, dz.t() @ inputs[i], weight_bufs[i] if momentum else None)]
+            if biases:
+                grads.append((biases[i], dz.sum(0), bias_bufs[i] if momentum else None))
+            if i > 0:
+                dz = (dz @ w) * masks[i - 1]
+            for param, grad, buf in grads:
+                grad = grad.add(param, alpha=weight_decay) if weight_decay else grad
+                if buf is not None:
+                    grad = buf.mul_(momentum).add_(grad)
+                param.sub_(grad, alpha=lr)
+        return loss

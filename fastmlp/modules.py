@@ -73,6 +73,58 @@ class FusedMLP(nn.Sequential):
         plain.load_state_dict(self.state_dict())
         return plain
 
+    def sgd_step(self, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.SGD) -> torch.Tensor:
+        """One whole training step in a single fused op: forward, mean softmax cross-entropy, backward
+        and `optimizer`'s update. Same result, within float32 rounding, as
+
+            loss = F.cross_entropy(self(x), target); optimizer.zero_grad(); loss.backward(); optimizer.step()
+
+        `optimizer` must be a torch.optim.SGD over exactly this model's parameters (any lr, momentum,
+        weight_decay; no dampening, Nesterov or maximize). Its momentum buffers are used and updated in
+        place, so optimizer.state_dict() checkpoints, LR schedulers and ordinary steps keep working
+        around it. Parameters' .grad is not written. Returns the loss (a detached scalar tensor).
+        """
+        weights, biases = self._sgd_step_params(optimizer)
+        group = optimizer.param_groups[0]
+        momentum = float(group["momentum"])
+        weight_bufs, bias_bufs = [], []
+        if momentum != 0.0:
+            weight_bufs = [self._momentum_buffer(optimizer, w) for w in weights]
+            bias_bufs = [self._momentum_buffer(optimizer, b) for b in biases]
+        if x.dim() != 2 or x.shape[1] != self.sizes[0]:
+            raise ValueError(f"FusedMLP.sgd_step: x must have shape (batch, {self.sizes[0]}), got {tuple(x.shape)}")
+        with torch.no_grad():
+            return torch.ops.fastmlp.mlp_sgd_step(
+                x, target, weights, biases, weight_bufs, bias_bufs,
+                float(group["lr"]), momentum, float(group["weight_decay"]),
+            )
+
+    def _sgd_step_params(self, optimizer):
+        if type(optimizer) is not torch.optim.SGD:
+            raise TypeError(f"FusedMLP.sgd_step needs a torch.optim.SGD optimizer, got {type(optimizer).__name__}")
+        groups = optimizer.param_groups
+        keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+        if any(any(g[k] != groups[0][k] for k in keys) for g in groups):
+            raise ValueError("FusedMLP.sgd_step: all parameter groups must share lr, momentum and weight_decay")
+        group = groups[0]
+        if group["dampening"] != 0 or group["nesterov"] or group["maximize"]:
+            raise ValueError("FusedMLP.sgd_step supports SGD without dampening, nesterov or maximize")
+        weights = [layer.weight for layer in self]
+        biases = [layer.bias for layer in self if layer.bias is not None]
+        owned = {id(p) for g in groups for p in g["params"]}
+        if owned != {id(p) for p in weights + biases}:
+            raise ValueError("FusedMLP.sgd_step: the optimizer must hold exactly this model's parameters")
+        return weights, biases
+
+    @staticmethod
+    def _momentum_buffer(optimizer, param):
+        # torch.optim.SGD starts a buffer as a copy of the first gradient; a zero buffer gives the same
+        # first step (momentum * 0 + g == g exactly) and the same state_dict layout afterwards.
+        state = optimizer.state[param]
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        return state["momentum_buffer"]
+
     @classmethod
     def from_torch(cls, model: nn.Module) -> "FusedMLP":
         """A FusedMLP with copies of the weights of `model`'s nn.Linear layers, taken in order

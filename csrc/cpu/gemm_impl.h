@@ -59,6 +59,12 @@ struct GemmImpl {
     bool relu;
     uint8_t* mask;  // mask row i0, byte j0 / 8
     int64_t ldm;
+    const uint8_t* mask_in;  // input-mask row i0 (bit offset: column j0)
+    int64_t ldm_in;
+    int64_t j0;
+    T* sgd_param;  // param(i0, j0), ld = ldc
+    T* sgd_buf;    // buf(i0, j0), ld = ldc
+    T lr, momentum, weight_decay;
   };
 
   template <int R, int Q>
@@ -89,14 +95,19 @@ struct GemmImpl {
       for (int q = 0; q < Q; ++q) {
         const int n = int(imin(L, t.ncols - q * L));
         reg v = acc[r][q];
+        T* cp = t.c + r * t.ldc + q * L;
         if (t.final) {
           if (t.bias) v = V::add(v, n == L ? V::load(t.bias + q * L) : V::load_n(t.bias + q * L, n));
+          if (t.mask_in) v = V::keep_bits(read_bits(t.mask_in + r * t.ldm_in, t.j0 + q * L, n), v);
           if (t.relu) {
             bits |= uint64_t(V::gt0_bits(v) & low_bits(n)) << (q * L);
             v = V::relu(v);
           }
+          if (t.sgd_param) {
+            sgd(t, r * t.ldc + q * L, n, v);
+            continue;
+          }
         }
-        T* cp = t.c + r * t.ldc + q * L;
         if (n == L) V::store(cp, v);
         else V::store_n(cp, v, n);
       }
@@ -105,6 +116,22 @@ struct GemmImpl {
         for (int k = 0; k < (t.ncols + 7) / 8; ++k) m[k] = uint8_t(bits >> (8 * k));
       }
     }
+  }
+
+  // The update torch.optim.SGD makes (dampening 0, no Nesterov), on the gradient g still in registers.
+  static inline void sgd(const Tile& t, int64_t off, int n, reg g) {
+    T* pp = t.sgd_param + off;
+    const reg p = n == L ? V::load(pp) : V::load_n(pp, n);
+    if (t.weight_decay != T(0)) g = V::fma(V::bcast(t.weight_decay), p, g);
+    if (t.momentum != T(0)) {
+      T* bp = t.sgd_buf + off;
+      g = V::fma(V::bcast(t.momentum), n == L ? V::load(bp) : V::load_n(bp, n), g);
+      if (n == L) V::store(bp, g);
+      else V::store_n(bp, g, n);
+    }
+    const reg updated = V::fma(V::bcast(-t.lr), g, p);
+    if (n == L) V::store(pp, updated);
+    else V::store_n(pp, updated, n);
   }
 
   // Runtime (rows, vectors) -> the instantiation for it.
@@ -188,10 +215,18 @@ struct GemmImpl {
         t.bias = g.bias ? g.bias + j0 : nullptr;
         t.relu = g.relu;
         t.ldm = g.ldm;
+        t.ldm_in = g.ldm_in;
+        t.j0 = j0;
+        t.lr = g.lr;
+        t.momentum = g.momentum;
+        t.weight_decay = g.weight_decay;
         for (int64_t i0 = r0; i0 < r1; i0 += MR) {
           t.a = g.a + i0 * g.a_rs + pc * g.a_cs;
           t.c = g.c + i0 * g.ldc + j0;
           t.mask = g.relu ? g.mask + i0 * g.ldm + j0 / 8 : nullptr;
+          t.mask_in = g.mask_in ? g.mask_in + i0 * g.ldm_in : nullptr;
+          t.sgd_param = g.sgd_param ? g.sgd_param + i0 * g.ldc + j0 : nullptr;
+          t.sgd_buf = g.sgd_buf ? g.sgd_buf + i0 * g.ldc + j0 : nullptr;
           tile_rq(int(imin(MR, r1 - i0)), nvec, t);
         }
       }
@@ -219,6 +254,7 @@ struct GemmImpl {
     k.drelu_bias_grad = &drelu_bias_grad;
     k.panel_cols = NRW;
     k.rows_per_tile = MR;
+    k.inner_block = KC;
     k.col_align = NRW;
     return k;
   }

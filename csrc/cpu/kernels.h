@@ -13,8 +13,13 @@ namespace fastmlp::cpu {
 //   A(i, p) = a[i * a_rs + p * a_cs]   (any strides: A is only ever broadcast element by element)
 //   B(p, j) = b[p * b_rs + j * b_cs]   (packed into cache-sized panels by the kernel itself)
 //   C(i, j) = c[i * ldc + j]
-// Optional epilogue on the finished sums: + bias[j], then ReLU with a 1-bit mask
-// (bit (j % 8) of mask[i * ldm + j / 8] is set iff the pre-activation is > 0).
+// Optional epilogues on the finished sums, in this order:
+//   + bias[j];
+//   keep only where an input mask bit is set (backward through the previous layer's ReLU);
+//   ReLU, writing a 1-bit mask (bit (j % 8) of mask[i * ldm + j / 8] set iff the sum is > 0);
+//   or, instead of storing C, an SGD-with-momentum update of a parameter shaped like C:
+//     g = C + weight_decay * param; buf = momentum * buf + g; param -= lr * buf
+//   (buf is untouched when momentum == 0). C is then only scratch for partial sums.
 template <typename T>
 struct Gemm {
   int64_t rows = 0, cols = 0, inner = 0;
@@ -28,6 +33,11 @@ struct Gemm {
   bool relu = false;
   uint8_t* mask = nullptr;  // required when relu is set
   int64_t ldm = 0;
+  const uint8_t* mask_in = nullptr;  // same packing as mask, ld = ldm_in
+  int64_t ldm_in = 0;
+  T* sgd_param = nullptr;  // ld = ldc
+  T* sgd_buf = nullptr;    // ld = ldc
+  T lr = 0, momentum = 0, weight_decay = 0;
 };
 
 // One instruction set's kernels. Column ranges handed to gemm_block must start at a multiple of
@@ -42,6 +52,7 @@ struct KernelTable {
                           const uint8_t* mask, int64_t ldm, T* dz, T* gb);
   int64_t panel_cols;     // width of one packed B panel (columns a micro-kernel produces at once)
   int64_t rows_per_tile;  // rows of C a micro-kernel produces at once
+  int64_t inner_block;    // K-blocking: sums longer than this park partial results in C
   int64_t col_align;   // alignment of column ranges (a multiple of 8)
 };
 

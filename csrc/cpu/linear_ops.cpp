@@ -8,80 +8,13 @@
 #include <array>
 
 #include "kernels.h"
+#include "runner.h"
 
 namespace fastmlp::cpu {
 
 namespace {
 
 using at::Tensor;
-
-// Below this many flops a GEMM runs on the calling thread: waking the pool costs more.
-constexpr int64_t kParallelFlops = int64_t(1) << 19;
-// Elementwise passes (dReLU + bias grad) split only above this many elements.
-constexpr int64_t kParallelElems = int64_t(1) << 16;
-
-int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int threads_for(int64_t work, int64_t threshold) {
-  if (work < threshold || at::in_parallel_region()) return 1;
-  return std::max(1, at::get_num_threads());
-}
-
-// Splits C over threads along columns (whole panels, so packed B is never shared and mask bytes
-// never straddle threads) or, when there are too few panels to balance, along rows.
-template <typename T>
-void run_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
-  const int64_t nt = threads_for(2 * g.rows * g.cols * std::max<int64_t>(g.inner, 1), kParallelFlops);
-  if (nt == 1) {
-    k.gemm_block(g, 0, g.rows, 0, g.cols);
-    return;
-  }
-  const int64_t panels = div_up(g.cols, k.panel_cols);
-  const int64_t row_tiles = div_up(g.rows, k.rows_per_tile);
-  // Imbalance of each split: the busiest thread's share over the mean share.
-  const double col_imb = double(div_up(panels, nt)) * nt / double(panels);
-  const double row_imb = double(div_up(row_tiles, nt)) * nt / double(row_tiles);
-  const bool by_cols = panels >= nt && col_imb <= row_imb;
-  const int64_t parts = by_cols ? std::min(nt, panels) : std::min(nt, row_tiles);
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (by_cols) {
-        const int64_t p0 = panels * t / parts, p1 = panels * (t + 1) / parts;
-        k.gemm_block(g, 0, g.rows, p0 * k.panel_cols, std::min(g.cols, p1 * k.panel_cols));
-      } else {
-        const int64_t r0 = row_tiles * t / parts, r1 = row_tiles * (t + 1) / parts;
-        k.gemm_block(g, r0 * k.rows_per_tile, std::min(g.rows, r1 * k.rows_per_tile), 0, g.cols);
-      }
-    }
-  });
-}
-
-// dz = gy masked by the ReLU bits (or gy itself when mask is null); gb = column sums of dz.
-template <typename T>
-void run_drelu_bias_grad(const KernelTable<T>& k, int64_t rows, int64_t cols, const T* gy,
-                         const uint8_t* mask, int64_t ldm, T* dz, T* gb) {
-  const int64_t nt = threads_for(rows * cols, kParallelElems);
-  const int64_t chunks = div_up(cols, k.col_align);
-  if (nt == 1 || chunks < 2) {
-    k.drelu_bias_grad(rows, 0, cols, gy, cols, mask, ldm, dz, gb);
-    return;
-  }
-  at::parallel_for(0, chunks, div_up(chunks, nt), [&](int64_t begin, int64_t end) {
-    k.drelu_bias_grad(rows, begin * k.col_align, std::min(cols, end * k.col_align), gy, cols, mask,
-                      ldm, dz, gb);
-  });
-}
-
-template <typename T>
-const KernelTable<T>& table();
-template <>
-const KernelTable<float>& table<float>() {
-  return active_kernels().f32;
-}
-template <>
-const KernelTable<double>& table<double>() {
-  return active_kernels().f64;
-}
 
 void check_float(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,

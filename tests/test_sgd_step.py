@@ -1,0 +1,96 @@
+"""FusedMLP.sgd_step (the whole-step op) against the ordinary autograd + torch.optim.SGD step."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastmlp
+from _helpers import DEVICES
+
+
+def _twins(sizes, dtype, device, bias=True, **sgd):
+    torch.manual_seed(0)
+    fused = fastmlp.FusedMLP(sizes, bias=bias, dtype=dtype, device=device)
+    plain = fused.to_torch()
+    return (fused, torch.optim.SGD(fused.parameters(), **sgd)), (plain, torch.optim.SGD(plain.parameters(), **sgd))
+
+
+def _plain_step(model, opt, x, y):
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sizes", [[784, 128, 64, 10], [784, 256, 10], [7, 3], [30, 17, 9, 5]])
+@pytest.mark.parametrize(
+    "sgd",
+    [dict(lr=0.05, momentum=0.9), dict(lr=0.1), dict(lr=0.02, momentum=0.5, weight_decay=1e-3)],
+    ids=["momentum", "plain", "weight_decay"],
+)
+@pytest.mark.parametrize("batch", [64, 1, 200])
+def test_sgd_step_matches_autograd_and_torch_sgd(device, dtype, sizes, sgd, batch):
+    (fused, fopt), (plain, popt) = _twins(sizes, dtype, device, **sgd)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-6)
+    for _ in range(5):
+        x = torch.randn(batch, sizes[0], dtype=dtype, device=device)
+        y = torch.randint(0, sizes[-1], (batch,), device=device)
+        torch.testing.assert_close(fused.sgd_step(x, y, fopt), _plain_step(plain, popt, x, y), **tol)
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, **tol)
+    # The optimizer state is torch's own: it can be saved, loaded and stepped normally afterwards.
+    if sgd.get("momentum"):
+        for a, b in zip(fused.parameters(), plain.parameters()):
+            torch.testing.assert_close(fopt.state[a]["momentum_buffer"], popt.state[b]["momentum_buffer"], **tol)
+
+
+def test_sgd_step_without_bias():
+    (fused, fopt), (plain, popt) = _twins([20, 8, 4], torch.float32, "cpu", bias=False, lr=0.1, momentum=0.9)
+    x, y = torch.randn(16, 20), torch.randint(0, 4, (16,))
+    for _ in range(3):
+        fused.sgd_step(x, y, fopt)
+        _plain_step(plain, popt, x, y)
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_sgd_step_mixes_with_ordinary_steps():
+    (fused, fopt), (plain, popt) = _twins([12, 6, 3], torch.float32, "cpu", lr=0.1, momentum=0.9)
+    x, y = torch.randn(10, 12), torch.randint(0, 3, (10,))
+    _plain_step(fused, fopt, x, y)  # torch starts the momentum buffers
+    fused.sgd_step(x, y, fopt)
+    for _ in range(2):
+        _plain_step(plain, popt, x, y)
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_sgd_step_rejects_what_it_cannot_do():
+    model = fastmlp.FusedMLP([6, 4, 3])
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    with pytest.raises(TypeError, match="torch.optim.SGD"):
+        model.sgd_step(x, y, torch.optim.Adam(model.parameters()))
+    with pytest.raises(ValueError, match="nesterov"):
+        model.sgd_step(x, y, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True))
+    with pytest.raises(ValueError, match="exactly this model"):
+        model.sgd_step(x, y, torch.optim.SGD(list(model.parameters())[:2], lr=0.1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="shape"):
+        model.sgd_step(torch.randn(5, 7), y, opt)
+    with pytest.raises(RuntimeError, match="not a class index"):
+        model.sgd_step(x, torch.tensor([0, 1, 2, 3, 0]), opt)
+    with pytest.raises(RuntimeError, match="target must be int64"):
+        model.sgd_step(x, y.int(), opt)
+
+
+def test_sgd_step_opcheck():
+    torch.manual_seed(0)
+    ws = [torch.randn(8, 6), torch.randn(3, 8)]
+    bs = [torch.randn(8), torch.randn(3)]
+    wb = [torch.zeros_like(w) for w in ws]
+    bb = [torch.zeros_like(b) for b in bs]
+    args = (torch.randn(5, 6), torch.randint(0, 3, (5,)), ws, bs, wb, bb, 0.1, 0.9, 0.0)
+    torch.library.opcheck(torch.ops.fastmlp.mlp_sgd_step.default, args, test_utils=("test_schema", "test_faketensor"))
