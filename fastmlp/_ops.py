@@ -1,5 +1,5 @@
 """Loads the compiled extension, or falls back to the pure-PyTorch reference, and gives every op of
-the `fastmlp` namespace its fake (meta) implementation and its autograd formula.
+the `fastmlp` namespace its fake (meta) implementation and (for the fallback) its autograd formula.
 
 After import, torch.ops.fastmlp.{linear_relu_fwd, linear_relu_bwd, linear_fwd, linear_bwd, mlp_sgd_step} exist
 whatever the backend (schemas: csrc/ops.cpp).
@@ -162,7 +162,10 @@ def _backward_linear(ctx, gy):
     return _grads_or_none(grads, needs)
 
 
-torch.library.register_autograd(
-    "fastmlp::linear_relu_fwd", _backward_linear_relu, setup_context=_setup_linear_relu
-)
-torch.library.register_autograd("fastmlp::linear_fwd", _backward_linear, setup_context=_setup_linear)
+# The compiled extension registers the same formulas in C++ (csrc/autograd.cpp), which spares each
+# fused layer a round trip through Python; these serve the fallback.
+if _C is None:
+    torch.library.register_autograd(
+        "fastmlp::linear_relu_fwd", _backward_linear_relu, setup_context=_setup_linear_relu
+    )
+    torch.library.register_autograd("fastmlp::linear_fwd", _backward_linear, setup_context=_setup_linear)

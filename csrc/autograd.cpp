@@ -1,0 +1,86 @@
+// Autograd for the layer ops, in C++ so a fused layer costs no Python on the way forward or back
+// (the Python registration in fastmlp/_ops.py serves the pure-PyTorch fallback). Works for every
+// device: the ops are re-dispatched below autograd to whatever kernel serves the tensors.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace fastmlp {
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using Needs = std::array<bool, 3>;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using FwdReLU = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&);
+using BwdReLU = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Needs);
+using Fwd = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&);
+using Bwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, Needs);
+
+Needs needs(AutogradContext* ctx) {
+  return {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+          ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
+}
+
+variable_list grads_or_undefined(const std::tuple<Tensor, Tensor, Tensor>& g, Needs n) {
+  return {n[0] ? std::get<0>(g) : Tensor(), n[1] ? std::get<1>(g) : Tensor(), n[2] ? std::get<2>(g) : Tensor()};
+}
+
+struct LinearReLU : public torch::autograd::Function<LinearReLU> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+    static auto fwd = op<FwdReLU>("fastmlp::linear_relu_fwd");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mask] = fwd.call(x, w, b);
+    ctx->saved_data["has_bias"] = b.has_value();
+    ctx->save_for_backward({x, w, mask});
+    ctx->mark_non_differentiable({mask});
+    return {y, mask};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<BwdReLU>("fastmlp::linear_relu_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const Needs n = needs(ctx);
+    return grads_or_undefined(bwd.call(grads[0], saved[0], saved[1], saved[2], n), n);
+  }
+};
+
+struct Linear : public torch::autograd::Function<Linear> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+    static auto fwd = op<Fwd>("fastmlp::linear_fwd");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->saved_data["has_bias"] = b.has_value();
+    ctx->save_for_backward({x, w});
+    return fwd.call(x, w, b);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<Bwd>("fastmlp::linear_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const Needs n = needs(ctx);
+    return grads_or_undefined(bwd.call(grads[0], saved[0], saved[1], n), n);
+  }
+};
+
+std::tuple<Tensor, Tensor> linear_relu_fwd_autograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  auto out = LinearReLU::apply(x, w, b);
+  return {out[0], out[1]};
+}
+
+Tensor linear_fwd_autograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  return Linear::apply(x, w, b);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
+  m.impl("linear_relu_fwd", &linear_relu_fwd_autograd);
+  m.impl("linear_fwd", &linear_fwd_autograd);
+}
+
+}  // namespace fastmlp
