@@ -1,8 +1,13 @@
 // The CPU GEMM, written once over a lane type V (see vec_*.h) and instantiated per instruction set.
 //
 // BLIS-style blocking, sized for the small MLP shapes this library exists for:
-//   - B is packed, KC rows x NRW columns at a time, into a zero-padded panel that stays in L1;
-//     packing also absorbs B's layout (a transposed weight is transposed 16x16 in registers).
+//   - B is read in panels of KC rows x NRW columns that stay in L1. A B with contiguous rows (dX, dW)
+//     is read where it lies; a transposed one (the weight in the forward) is first packed into a
+//     zero-padded panel, transposing 16x16 blocks in registers.
+//   - Rows are taken MC at a time, so the rows of A a panel meets stay in L2 at large batch sizes.
+//   - A is only ever broadcast element by element, so any strides work. When its rows are strided
+//     and its columns contiguous (dz.T in dW: a tile's broadcasts would hit one L1 set per row), the
+//     MC x KC block is first copied tile-major, MR elements per step, which is cheap in that layout.
 //   - A is never packed: the micro-kernel only broadcasts single elements of it, so any strides
 //     work (dW reads dz transposed for free).
 //   - The micro-kernel keeps an MR x NRW tile of C in registers for a whole KC block; the last
@@ -31,13 +36,15 @@ inline uint64_t low_bits(int n) { return n >= 64 ? ~uint64_t(0) : (uint64_t(1) <
 inline uint32_t read_bits(const uint8_t* row, int64_t j, int n) {
   const uint8_t* p = row + j / 8;
   const int shift = int(j % 8);
+  if (shift == 0 && n == 16) return uint32_t(p[0]) | uint32_t(p[1]) << 8;  // the AVX-512 float case
+  if (shift == 0 && n == 8) return p[0];
   const int nbytes = (shift + n + 7) / 8;
   uint64_t w = 0;
   for (int k = 0; k < nbytes; ++k) w |= uint64_t(p[k]) << (8 * k);
   return uint32_t((w >> shift) & low_bits(n));
 }
 
-template <class V, int MR, int NRV, int KC>
+template <class V, int MR, int NRV, int KC, int MC = 32 * MR>
 struct GemmImpl {
   using T = typename V::T;
   using reg = typename V::reg;
@@ -49,7 +56,8 @@ struct GemmImpl {
     int64_t kc;
     const T* a;  // A(i0, pc)
     int64_t a_rs, a_cs;
-    const T* bp;  // packed panel, kc x NRW
+    const T* bp;  // B(pc, j0): a packed panel (ldb = NRW) or B itself (ldb = its row stride)
+    int64_t ldb;
     T* c;         // C(i0, j0)
     int64_t ldc;
     int ncols;        // valid columns in this tile, 1..NRW
@@ -67,7 +75,8 @@ struct GemmImpl {
     T lr, momentum, weight_decay;
   };
 
-  template <int R, int Q>
+  // TAIL: B is read in place and its last vector holds fewer than L columns.
+  template <int R, int Q, bool TAIL>
   static void tile(const Tile& t) {
     reg acc[R][Q];
     for (int r = 0; r < R; ++r)
@@ -80,10 +89,11 @@ struct GemmImpl {
     const T* ap[R];
     for (int r = 0; r < R; ++r) ap[r] = t.a + r * t.a_rs;
     const T* bp = t.bp;
-    const int64_t a_cs = t.a_cs;
-    for (int64_t p = 0; p < t.kc; ++p, bp += NRW) {
+    const int64_t a_cs = t.a_cs, ldb = t.ldb;
+    const int n_last = t.ncols - (Q - 1) * L;
+    for (int64_t p = 0; p < t.kc; ++p, bp += ldb) {
       reg b[Q];
-      for (int q = 0; q < Q; ++q) b[q] = V::load(bp + q * L);
+      for (int q = 0; q < Q; ++q) b[q] = TAIL && q == Q - 1 ? V::load_n(bp + q * L, n_last) : V::load(bp + q * L);
       for (int r = 0; r < R; ++r) {
         const reg av = V::bcast(ap[r][p * a_cs]);
         for (int q = 0; q < Q; ++q) acc[r][q] = V::fma(av, b[q], acc[r][q]);
@@ -136,32 +146,21 @@ struct GemmImpl {
 
   // Runtime (rows, vectors) -> the instantiation for it.
   template <int R, int Q = NRV>
-  static void tile_q(int q, const Tile& t) {
-    if (q == Q) return tile<R, Q>(t);
-    if constexpr (Q > 1) tile_q<R, Q - 1>(q, t);
+  static void tile_q(int q, bool tail, const Tile& t) {
+    if (q == Q) return tail ? tile<R, Q, true>(t) : tile<R, Q, false>(t);
+    if constexpr (Q > 1) tile_q<R, Q - 1>(q, tail, t);
   }
   template <int R = MR>
-  static void tile_rq(int r, int q, const Tile& t) {
-    if (r == R) return tile_q<R>(q, t);
-    if constexpr (R > 1) tile_rq<R - 1>(r, q, t);
+  static void tile_rq(int r, int q, bool tail, const Tile& t) {
+    if (r == R) return tile_q<R>(q, tail, t);
+    if constexpr (R > 1) tile_rq<R - 1>(r, q, tail, t);
   }
 
-  // dst (kc x NRW) = B(pc .. pc+kc, j0 .. j0+ncols), zero-padded to whole vectors (the micro-kernel
-  // reads only the first ceil(ncols / L) vectors of each panel row).
+  // dst (kc x NRW) = B(pc .. pc+kc, j0 .. j0+ncols) for a B whose rows are strided, zero-padded to
+  // whole vectors (the micro-kernel reads only the first ceil(ncols / L) vectors of each panel row).
   static void pack_panel(const Gemm<T>& g, int64_t pc, int64_t kc, int64_t j0, int ncols, T* dst) {
     const T* src = g.b + pc * g.b_rs + j0 * g.b_cs;
     const int width = (ncols + L - 1) / L * L;
-    if (g.b_cs == 1) {
-      for (int64_t p = 0; p < kc; ++p) {
-        const T* s = src + p * g.b_rs;
-        T* d = dst + p * NRW;
-        for (int j = 0; j < width; j += L) {
-          const int n = int(imin(L, ncols - j));
-          V::store(d + j, n == L ? V::load(s + j) : V::load_n(s + j, n));
-        }
-      }
-      return;
-    }
     if (g.b_rs == 1) {  // B is stored transposed: each of its columns is contiguous
       // L x L blocks in registers; a partial block (last rows of the panel or of B) goes through a
       // zero-padded copy, so padding columns come out as zeros too.
@@ -192,59 +191,91 @@ struct GemmImpl {
       for (int j = 0; j < width; ++j) dst[p * NRW + j] = j < ncols ? src[p * g.b_rs + j * g.b_cs] : T(0);
   }
 
+  // dst[tile][p][r] = A(m0 + tile * MR + r, pc + p), zero-padded to whole tiles; A's rows are adjacent.
+  static void pack_a(const Gemm<T>& g, int64_t m0, int64_t m1, int64_t pc, int64_t kc, T* dst) {
+    for (int64_t i0 = m0; i0 < m1; i0 += MR, dst += kc * MR) {
+      const int rows = int(imin(MR, m1 - i0));
+      const T* src = g.a + i0 + pc * g.a_cs;
+      for (int64_t p = 0; p < kc; ++p)
+        for (int r = 0; r < MR; ++r) dst[p * MR + r] = r < rows ? src[p * g.a_cs + r] : T(0);
+    }
+  }
+
   static void gemm_block(const Gemm<T>& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     if (r1 <= r0 || c1 <= c0) return;
-    T* panel = static_cast<T*>(scratch(int64_t(sizeof(T)) * KC * NRW));
-    // inner == 0 still needs one pass: C = epilogue(0).
-    const int64_t inner = g.inner;
-    for (int64_t j0 = c0; j0 < c1; j0 += NRW) {
-      const int ncols = int(imin(NRW, c1 - j0));
-      const int nvec = (ncols + L - 1) / L;
+    // Contiguous B rows are read in place: at these sizes a copy costs more than it saves.
+    const bool pack_b = g.b_cs != 1;
+    const bool pack_a_block = g.a_rs == 1 && g.a_cs != 1;
+    constexpr int64_t kMcTiles = (MC + MR - 1) / MR;
+    T* panel = static_cast<T*>(scratch(int64_t(sizeof(T)) * (KC * NRW + kMcTiles * MR * KC)));
+    T* a_block = panel + KC * NRW;
+    Tile t;
+    t.ldb = pack_b ? NRW : g.b_rs;
+    t.a_rs = pack_a_block ? 1 : g.a_rs;
+    t.a_cs = pack_a_block ? MR : g.a_cs;
+    t.ldc = g.ldc;
+    t.relu = g.relu;
+    t.ldm = g.ldm;
+    t.ldm_in = g.ldm_in;
+    t.lr = g.lr;
+    t.momentum = g.momentum;
+    t.weight_decay = g.weight_decay;
+    const int64_t inner = g.inner;  // inner == 0 still needs one pass: C = epilogue(0)
+    for (int64_t m0 = r0; m0 < r1; m0 += MC) {
+      const int64_t m1 = imin(r1, m0 + MC);
       for (int64_t pc = 0; pc < inner || (pc == 0 && inner == 0); pc += KC) {
         const int64_t kc = imin(KC, inner - pc);
-        pack_panel(g, pc, kc, j0, ncols, panel);
-        Tile t;
+        if (pack_a_block) pack_a(g, m0, m1, pc, kc, a_block);
         t.kc = kc;
-        t.a_rs = g.a_rs;
-        t.a_cs = g.a_cs;
-        t.bp = panel;
-        t.ldc = g.ldc;
-        t.ncols = ncols;
         t.accumulate = pc > 0;
         t.final = pc + KC >= inner;
-        t.bias = g.bias ? g.bias + j0 : nullptr;
-        t.relu = g.relu;
-        t.ldm = g.ldm;
-        t.ldm_in = g.ldm_in;
-        t.j0 = j0;
-        t.lr = g.lr;
-        t.momentum = g.momentum;
-        t.weight_decay = g.weight_decay;
-        for (int64_t i0 = r0; i0 < r1; i0 += MR) {
-          t.a = g.a + i0 * g.a_rs + pc * g.a_cs;
-          t.c = g.c + i0 * g.ldc + j0;
-          t.mask = g.relu ? g.mask + i0 * g.ldm + j0 / 8 : nullptr;
-          t.mask_in = g.mask_in ? g.mask_in + i0 * g.ldm_in : nullptr;
-          t.sgd_param = g.sgd_param ? g.sgd_param + i0 * g.ldc + j0 : nullptr;
-          t.sgd_buf = g.sgd_buf ? g.sgd_buf + i0 * g.ldc + j0 : nullptr;
-          tile_rq(int(imin(MR, r1 - i0)), nvec, t);
+        for (int64_t j0 = c0; j0 < c1; j0 += NRW) {
+          const int ncols = int(imin(NRW, c1 - j0));
+          const int nvec = (ncols + L - 1) / L;
+          const bool tail = !pack_b && ncols % L != 0;
+          if (pack_b) pack_panel(g, pc, kc, j0, ncols, panel);
+          t.bp = pack_b ? panel : g.b + pc * g.b_rs + j0;
+          t.ncols = ncols;
+          t.j0 = j0;
+          t.bias = g.bias ? g.bias + j0 : nullptr;
+          for (int64_t i0 = m0; i0 < m1; i0 += MR) {
+            t.a = pack_a_block ? a_block + (i0 - m0) * kc : g.a + i0 * g.a_rs + pc * g.a_cs;
+            t.c = g.c + i0 * g.ldc + j0;
+            t.mask = g.relu ? g.mask + i0 * g.ldm + j0 / 8 : nullptr;
+            t.mask_in = g.mask_in ? g.mask_in + i0 * g.ldm_in : nullptr;
+            t.sgd_param = g.sgd_param ? g.sgd_param + i0 * g.ldc + j0 : nullptr;
+            t.sgd_buf = g.sgd_buf ? g.sgd_buf + i0 * g.ldc + j0 : nullptr;
+            tile_rq(int(imin(MR, m1 - i0)), nvec, tail, t);
+          }
         }
       }
     }
   }
 
+  // Column blocks of up to 8 vectors, rows inner: contiguous reads, sums in registers, each column
+  // summed top to bottom whatever the block or thread split.
   static void drelu_bias_grad(int64_t rows, int64_t c0, int64_t c1, const T* gy, int64_t ldg,
                               const uint8_t* mask, int64_t ldm, T* dz, T* gb) {
-    for (int64_t j = c0; j < c1; j += L) {
-      const int n = int(imin(L, c1 - j));
-      reg sum = V::zero();
+    constexpr int kVecs = 8;
+    for (int64_t jb = c0; jb < c1; jb += kVecs * L) {
+      const int nv = int((imin(c1 - jb, kVecs * L) + L - 1) / L);
+      reg sum[kVecs];
+      for (int q = 0; q < kVecs; ++q) sum[q] = V::zero();
       for (int64_t i = 0; i < rows; ++i) {
-        reg v = V::load_n(gy + i * ldg + j, n);
-        if (mask) v = V::keep_bits(read_bits(mask + i * ldm, j, n), v);
-        if (dz) V::store_n(dz + i * ldg + j, v, n);
-        sum = V::add(sum, v);
+        for (int q = 0; q < nv; ++q) {
+          const int64_t j = jb + q * L;
+          const int n = int(imin(L, c1 - j));
+          reg v = n == L ? V::load(gy + i * ldg + j) : V::load_n(gy + i * ldg + j, n);
+          if (mask) v = V::keep_bits(read_bits(mask + i * ldm, j, n), v);
+          if (dz) {
+            if (n == L) V::store(dz + i * ldg + j, v);
+            else V::store_n(dz + i * ldg + j, v, n);
+          }
+          sum[q] = V::add(sum[q], v);
+        }
       }
-      if (gb) V::store_n(gb + j, sum, n);
+      if (gb)
+        for (int q = 0; q < nv; ++q) V::store_n(gb + jb + q * L, sum[q], int(imin(L, c1 - jb - q * L)));
     }
   }
 
