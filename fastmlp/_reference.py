@@ -55,6 +55,15 @@ def linear_relu_bwd(gy, x, w, mask, needs):
 
 def mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay):
     """Forward, mean cross-entropy, backward and torch.optim.SGD's update, all in place."""
+    if target.dtype != torch.int64:
+        raise RuntimeError(f"fastmlp::mlp_sgd_step: target must be int64 class indices, got {target.dtype}")
+    classes = weights[-1].shape[0]
+    bad = (target < 0) | (target >= classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise RuntimeError(
+            f"fastmlp::mlp_sgd_step: target[{i}] = {int(target[i])} is not a class index in [0, {classes})"
+        )
     with torch.no_grad():
         n_layers = len(weights)
         inputs, masks = [x], []
