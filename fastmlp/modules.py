@@ -84,26 +84,33 @@ class FusedMLP(nn.Sequential):
         place, so optimizer.state_dict() checkpoints, LR schedulers and ordinary steps keep working
         around it. Parameters' .grad is not written. Returns the loss (a detached scalar tensor).
         """
-        weights, biases = self._sgd_step_params(optimizer)
-        group = optimizer.param_groups[0]
-        momentum = float(group["momentum"])
-        weight_bufs, bias_bufs = [], []
-        if momentum != 0.0:
-            weight_bufs = [self._momentum_buffer(optimizer, w) for w in weights]
-            bias_bufs = [self._momentum_buffer(optimizer, b) for b in biases]
         if x.dim() != 2 or x.shape[1] != self.sizes[0]:
             raise ValueError(f"FusedMLP.sgd_step: x must have shape (batch, {self.sizes[0]}), got {tuple(x.shape)}")
+        weights, biases, group = self._sgd_step_params(optimizer)
+        momentum = group["momentum"]
+        weight_bufs, bias_bufs = [], []
+        if momentum != 0:
+            # Looked up every step: optimizer.load_state_dict() replaces the buffers.
+            state = optimizer.state
+            weight_bufs = [self._momentum_buffer(state, w) for w in weights]
+            bias_bufs = [self._momentum_buffer(state, b) for b in biases]
         with torch.no_grad():
             return torch.ops.fastmlp.mlp_sgd_step(
                 x, target, weights, biases, weight_bufs, bias_bufs,
-                float(group["lr"]), momentum, float(group["weight_decay"]),
+                float(group["lr"]), float(momentum), float(group["weight_decay"]),
             )
 
     def _sgd_step_params(self, optimizer):
+        """(weights, biases, hyper-parameter group), validated once per optimizer and configuration."""
         if type(optimizer) is not torch.optim.SGD:
             raise TypeError(f"FusedMLP.sgd_step needs a torch.optim.SGD optimizer, got {type(optimizer).__name__}")
         groups = optimizer.param_groups
         keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+        signature = (id(optimizer), [id(p) for p in self.parameters()], [[id(p) for p in g["params"]] for g in groups],
+                     [tuple(g[k] for k in keys[1:]) for g in groups])
+        cached = getattr(self, "_sgd_step_cache", None)
+        if cached is not None and cached[0] == signature and all(g["lr"] == groups[0]["lr"] for g in groups):
+            return cached[1], cached[2], groups[0]
         if any(any(g[k] != groups[0][k] for k in keys) for g in groups):
             raise ValueError("FusedMLP.sgd_step: all parameter groups must share lr, momentum and weight_decay")
         group = groups[0]
@@ -114,16 +121,17 @@ class FusedMLP(nn.Sequential):
         owned = {id(p) for g in groups for p in g["params"]}
         if owned != {id(p) for p in weights + biases}:
             raise ValueError("FusedMLP.sgd_step: the optimizer must hold exactly this model's parameters")
-        return weights, biases
+        self._sgd_step_cache = (signature, weights, biases)
+        return weights, biases, group
 
     @staticmethod
-    def _momentum_buffer(optimizer, param):
+    def _momentum_buffer(state, param):
         # torch.optim.SGD starts a buffer as a copy of the first gradient; a zero buffer gives the same
         # first step (momentum * 0 + g == g exactly) and the same state_dict layout afterwards.
-        state = optimizer.state[param]
-        if state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
-        return state["momentum_buffer"]
+        buf = state[param].get("momentum_buffer")
+        if buf is None:
+            buf = state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        return buf
 
     @classmethod
     def from_torch(cls, model: nn.Module) -> "FusedMLP":

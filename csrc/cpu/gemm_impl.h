@@ -221,14 +221,19 @@ struct GemmImpl {
     t.momentum = g.momentum;
     t.weight_decay = g.weight_decay;
     const int64_t inner = g.inner;  // inner == 0 still needs one pass: C = epilogue(0)
+    // Equal K blocks (784 = 7 x 112, not 6 x 128 + 16): a short last block would cost a whole
+    // pass over C for little work. Rounded to whole vectors so packing transposes full blocks.
+    static_assert(KC % L == 0, "K blocks are whole vectors");
+    const int64_t nblocks = inner > 0 ? (inner + KC - 1) / KC : 1;
+    const int64_t kstep = imin(KC, ((inner + nblocks - 1) / nblocks + L - 1) / L * L) + (inner == 0);
     for (int64_t m0 = r0; m0 < r1; m0 += MC) {
       const int64_t m1 = imin(r1, m0 + MC);
-      for (int64_t pc = 0; pc < inner || (pc == 0 && inner == 0); pc += KC) {
-        const int64_t kc = imin(KC, inner - pc);
+      for (int64_t pc = 0; pc < inner || (pc == 0 && inner == 0); pc += kstep) {
+        const int64_t kc = imin(kstep, inner - pc);
         if (pack_a_block) pack_a(g, m0, m1, pc, kc, a_block);
         t.kc = kc;
         t.accumulate = pc > 0;
-        t.final = pc + KC >= inner;
+        t.final = pc + kstep >= inner;
         for (int64_t j0 = c0; j0 < c1; j0 += NRW) {
           const int ncols = int(imin(NRW, c1 - j0));
           const int nvec = (ncols + L - 1) / L;
