@@ -1,7 +1,8 @@
 // The tensor-core GEMM tile kernel (WMMA, FP32 accumulation) for float16, bfloat16 and TF32
 // (float32 inputs rounded to TF32 in the fragments), with the same fused epilogue as the CUDA-core
 // kernel (epilogue.cuh). Needs compute capability 8.0+ (bf16 / tf32 WMMA); the host dispatch never
-// launches it on older GPUs and the body traps if it ever runs there.
+// launches it on older GPUs and the body traps if it ever runs there. (FASTMLP_CUDA_EMULATION:
+// the CPU emulation harness in tests/cuda_emulation compiles the body for the host.)
 //
 // Block tile BM x BN = (WM*FM*16) x (WN*FN*16), K step BK; WM x WN warps, each holding FM x FN
 // 16x16 accumulator fragments. A and B tiles are stored in shared memory in their global layout
@@ -55,7 +56,7 @@ struct TcTile {
 
 template <typename T, typename Tile, bool A_KC, bool B_KC>
 __global__ void __launch_bounds__(Tile::THREADS) gemm_tc_kernel(const GemmArgs<T> g) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(FASTMLP_CUDA_EMULATION)
   namespace wmma = nvcuda::wmma;
   using F = typename MmaTraits<T>::frag;
   constexpr int BM = Tile::BM, BN = Tile::BN, FM = Tile::FM, FN = Tile::FN, NT = Tile::THREADS;

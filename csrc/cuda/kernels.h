@@ -37,6 +37,43 @@ struct GemmArgs {
   int64_t ldm = 0;
 };
 
+// The three GEMMs of the ops, for row-major contiguous x (M, K), w (N, K), dz (M, N):
+//   forward      y  = x @ w.T (+ bias, ReLU + mask when mask is not null)   rows M, cols N, inner K
+//   grad input   gx = dz @ w                                                rows M, cols K, inner N
+//   grad weight  gw = dz.T @ x                                              rows N, cols K, inner M
+template <typename T>
+GemmArgs<T> forward_gemm(int64_t M, int64_t N, int64_t K, const T* x, const T* w, const T* bias, T* y,
+                         uint8_t* mask) {
+  GemmArgs<T> g;
+  g.rows = M, g.cols = N, g.inner = K;
+  g.a = x, g.a_rs = K, g.a_cs = 1;
+  g.b = w, g.b_rs = 1, g.b_cs = K;  // B(p, j) = w[j, p]
+  g.c = y, g.ldc = N;
+  g.bias = bias;
+  g.relu = mask != nullptr;
+  g.mask = mask;
+  g.ldm = (N + 7) / 8;
+  return g;
+}
+template <typename T>
+GemmArgs<T> grad_input_gemm(int64_t M, int64_t N, int64_t K, const T* dz, const T* w, T* gx) {
+  GemmArgs<T> g;
+  g.rows = M, g.cols = K, g.inner = N;
+  g.a = dz, g.a_rs = N, g.a_cs = 1;
+  g.b = w, g.b_rs = K, g.b_cs = 1;
+  g.c = gx, g.ldc = K;
+  return g;
+}
+template <typename T>
+GemmArgs<T> grad_weight_gemm(int64_t M, int64_t N, int64_t K, const T* dz, const T* x, T* gw) {
+  GemmArgs<T> g;
+  g.rows = N, g.cols = K, g.inner = M;
+  g.a = dz, g.a_rs = 1, g.a_cs = N;  // A(i, p) = dz[p, i]
+  g.b = x, g.b_rs = K, g.b_cs = 1;
+  g.c = gw, g.ldc = K;
+  return g;
+}
+
 // FP32/FP64 CUDA-core GEMM: exact FMA chains, one fixed summation order per element.
 void gemm_simt(const GemmArgs<float>& g, int num_sms, cudaStream_t stream);
 void gemm_simt(const GemmArgs<double>& g, int num_sms, cudaStream_t stream);

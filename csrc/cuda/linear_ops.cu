@@ -169,16 +169,9 @@ std::tuple<Tensor, Tensor> forward(const char* op, const Tensor& x_, const Tenso
   Tensor y = at::empty({M, N}, x.options());
   Tensor mask = relu ? at::empty({M, div_up(N, 8)}, x.options().dtype(at::kByte)) : Tensor();
   if (M == 0 || N == 0) return {y, mask};
-  GemmArgs<T> g;
-  g.rows = M, g.cols = N, g.inner = K;
-  g.a = cptr<T>(x), g.a_rs = K, g.a_cs = 1;
-  g.b = cptr<T>(w), g.b_rs = 1, g.b_cs = K;  // B = w.T
-  g.c = mptr<T>(y), g.ldc = N;
-  g.bias = b.defined() ? cptr<T>(b) : nullptr;
-  g.relu = relu;
-  g.mask = relu ? mptr<uint8_t>(mask) : nullptr;
-  g.ldm = div_up(N, 8);
-  gemm<T>(g, l);
+  gemm<T>(forward_gemm<T>(M, N, K, cptr<T>(x), cptr<T>(w), b.defined() ? cptr<T>(b) : nullptr, mptr<T>(y),
+                          relu ? mptr<uint8_t>(mask) : nullptr),
+          l);
   return {y, mask};
 }
 
@@ -209,22 +202,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const char* op, const Tensor& gy_, c
                     make_dz ? mptr<T>(dz) : nullptr, needs[2] ? mptr<T>(gb) : nullptr,
                     partial.defined() ? mptr<Acc>(partial) : nullptr, l.stream);
   }
-  if (needs[0] && M > 0 && K > 0) {  // gx = dz @ w  (zeros when N == 0)
-    GemmArgs<T> g;
-    g.rows = M, g.cols = K, g.inner = N;
-    g.a = cptr<T>(dz), g.a_rs = N, g.a_cs = 1;
-    g.b = cptr<T>(w), g.b_rs = K, g.b_cs = 1;
-    g.c = mptr<T>(gx), g.ldc = K;
-    gemm<T>(g, l);
-  }
-  if (needs[1] && N > 0 && K > 0) {  // gw = dz.T @ x  (zeros for an empty batch)
-    GemmArgs<T> g;
-    g.rows = N, g.cols = K, g.inner = M;
-    g.a = cptr<T>(dz), g.a_rs = 1, g.a_cs = N;
-    g.b = cptr<T>(x), g.b_rs = K, g.b_cs = 1;
-    g.c = mptr<T>(gw), g.ldc = K;
-    gemm<T>(g, l);
-  }
+  if (needs[0] && M > 0 && K > 0)  // gx = dz @ w  (zeros when N == 0)
+    gemm<T>(grad_input_gemm<T>(M, N, K, cptr<T>(dz), cptr<T>(w), mptr<T>(gx)), l);
+  if (needs[1] && N > 0 && K > 0)  // gw = dz.T @ x  (zeros for an empty batch)
+    gemm<T>(grad_weight_gemm<T>(M, N, K, cptr<T>(dz), cptr<T>(x), mptr<T>(gw)), l);
   return {gx, gw, gb};
 }
 
