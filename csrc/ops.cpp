@@ -1,5 +1,6 @@
 // The fastmlp operator library: every schema in one place, plus the few build/runtime facts the
-// Python package reads. Kernels register themselves per device in csrc/cpu and csrc/cuda.
+// Python package reads. The CPU kernels register themselves (csrc/cpu); the CUDA kernels
+// (csrc/cuda) only when Python calls register_cuda_kernels() (see fastmlp/_ops.py).
 //
 // Semantics (x: (M, K), w: (N, K), b: (N,), all 2-D and of one floating dtype):
 //   linear_relu_fwd(x, w, b)           -> (y, mask)  y = relu(x @ w.T + b); mask = packbits(y > 0)
@@ -22,7 +23,8 @@
 #ifdef FASTMLP_WITH_CUDA
 namespace fastmlp::cuda {
 const char* compiled_arch_list();
-}
+void register_cuda_kernels();  // csrc/cuda/linear_ops.cu
+}  // namespace fastmlp::cuda
 #endif
 
 TORCH_LIBRARY(fastmlp, m) {
@@ -55,4 +57,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::string();
 #endif
   }, "SM architectures the CUDA sources were compiled for; empty for a CPU-only build.");
+  m.def("has_cuda_kernels", [] {
+#ifdef FASTMLP_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build contains the hand-written CUDA kernels (see register_cuda_kernels).");
+#ifdef FASTMLP_WITH_CUDA
+  // The CUDA kernels are not registered at load time (no TORCH_LIBRARY_IMPL(fastmlp, CUDA, ...)):
+  // fastmlp/_ops.py calls this only when FASTMLP_CUDA_KERNELS=1.
+  m.def("register_cuda_kernels", &fastmlp::cuda::register_cuda_kernels,
+        "Register the hand-written CUDA kernels for the fastmlp ops' CUDA dispatch key (idempotent).");
+#endif
 }

@@ -35,7 +35,8 @@ def backend(device="cpu") -> str:
     """What serves fastmlp's ops for tensors on `device`:
 
     "compiled"  hand-written kernels from the compiled extension
-    "fallback"  the pure-PyTorch reference (no extension, or no kernels for that device yet)
+    "fallback"  the pure-PyTorch reference (no extension; for CUDA also when the hand-written CUDA
+                kernels are not enabled: they are opt-in with FASTMLP_CUDA_KERNELS=1 at import)
     """
     kind = _torch.device(device).type
     if kind == "cpu":
@@ -59,6 +60,7 @@ def backend_info() -> dict:
         info["cpu_isa"] = _ops._C.cpu_isa()
         info["supported_cpu_isas"] = _ops._C.supported_cpu_isas().split(",")
         info["cuda_archs"] = _ops._C.cuda_arch_list()
+        info["cuda_kernels_built"] = bool(getattr(_ops._C, "has_cuda_kernels", lambda: False)())
     return info
 
 

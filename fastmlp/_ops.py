@@ -3,6 +3,11 @@ the `fastmlp` namespace its fake (meta) implementation and (for the fallback) it
 
 After import, torch.ops.fastmlp.{linear_relu_fwd, linear_relu_bwd, linear_fwd, linear_bwd, mlp_sgd_step} exist
 whatever the backend (schemas: csrc/ops.cpp).
+
+Environment (read once, at import):
+  FASTMLP_DISABLE_EXTENSION=1  ignore the compiled extension: the pure-PyTorch reference serves all
+  FASTMLP_CUDA_KERNELS=1       serve CUDA tensors with the hand-written CUDA kernels (opt-in while
+                               they are unvalidated on GPUs); default: the PyTorch reference
 """
 
 import os
@@ -72,12 +77,32 @@ if _C is None:
     _LIBS.append(_lib)
     CUDA_KERNELS = False
 else:
-    # No hand-written CUDA kernels are registered yet: CUDA tensors take the PyTorch reference.
-    _lib = torch.library.Library("fastmlp", "IMPL")
-    for _name in SCHEMAS:
-        _lib.impl(_name, _REFERENCE[_name], "CUDA")
-    _LIBS.append(_lib)
-    CUDA_KERNELS = False
+    # CUDA tensors. The hand-written CUDA kernels (csrc/cuda) have not yet been validated on a GPU,
+    # so they are opt-in: with FASTMLP_CUDA_KERNELS=1 in the environment at import time, and an
+    # extension built with the CUDA sources, they serve the CUDA dispatch key; otherwise (the
+    # default) CUDA tensors take the PyTorch reference (_reference.py, cuBLAS matmuls).
+    _want_cuda_kernels = os.environ.get("FASTMLP_CUDA_KERNELS", "0") == "1"
+    _has_cuda_kernels = bool(getattr(_C, "has_cuda_kernels", lambda: False)())
+    if _want_cuda_kernels and _has_cuda_kernels:
+        _C.register_cuda_kernels()
+        CUDA_KERNELS = True
+        # The whole-step op has no CUDA kernel yet.
+        _lib = torch.library.Library("fastmlp", "IMPL")
+        _lib.impl("mlp_sgd_step", _REFERENCE["mlp_sgd_step"], "CUDA")
+        _LIBS.append(_lib)
+    else:
+        if _want_cuda_kernels:
+            warnings.warn(
+                "fastmlp: FASTMLP_CUDA_KERNELS=1 but the compiled extension was built without its CUDA "
+                "sources (no nvcc, or FASTMLP_CPU_ONLY=1); CUDA tensors use the PyTorch reference",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _lib = torch.library.Library("fastmlp", "IMPL")
+        for _name in SCHEMAS:
+            _lib.impl(_name, _REFERENCE[_name], "CUDA")
+        _LIBS.append(_lib)
+        CUDA_KERNELS = False
 
 
 # ---- fake (meta) implementations: shapes and dtypes only -------------------------------------

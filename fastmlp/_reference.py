@@ -1,5 +1,6 @@
-"""The ops in plain PyTorch: the fallback when the extension is unavailable, the CUDA path until the
-CUDA kernels land, and the executable definition the kernels are tested against."""
+"""The ops in plain PyTorch: the fallback when the extension is unavailable, the CUDA path unless the
+hand-written CUDA kernels are enabled (FASTMLP_CUDA_KERNELS=1), and the executable definition the
+kernels are tested against."""
 
 import torch
 

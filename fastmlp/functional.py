@@ -4,6 +4,8 @@ Inputs of any leading shape (..., in_features) are flattened to 2-D for the kern
 back, like nn.Linear. Gradients flow to input, weight and bias through the fused backward ops.
 """
 
+import math
+
 import torch
 
 from . import _ops  # noqa: F401  (registers torch.ops.fastmlp.*)
@@ -25,7 +27,8 @@ def _flatten(name, x, weight, bias):
         )
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"fastmlp.{name}: bias must be a tensor or None")
-    return x.reshape(-1, x.shape[-1])
+    # Not reshape(-1, k): -1 is ambiguous when in_features == 0.
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 // Compiled by nvcc whenever the CUDA build is enabled (see setup.py), so CI proves the CUDA
-// toolchain path on machines without a GPU. The CUDA kernels themselves join this folder with the
-// CUDA-kernels work; until then CUDA tensors are served by the PyTorch reference (fastmlp/_ops.py).
+// toolchain path on machines without a GPU. The CUDA kernels live next to it (linear_ops.cu);
+// they serve CUDA tensors only when enabled with FASTMLP_CUDA_KERNELS=1 (fastmlp/_ops.py).
 #define FASTMLP_STR2(...) #__VA_ARGS__
 #define FASTMLP_STR(...) FASTMLP_STR2(__VA_ARGS__)
 

@@ -1,0 +1,105 @@
+// Interface between the ATen-facing CUDA ops (linear_ops.cu) and the kernels (gemm_*.cu,
+// drelu_bias_grad.cu). Raw pointers and a stream only, so the kernel translation units never
+// include ATen. Every launcher checks its launch with C10_CUDA_KERNEL_LAUNCH_CHECK().
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastmlp::cuda {
+
+// C(i, j) = sum_p A(i, p) * B(p, j) for i < rows, j < cols, p < inner, then the epilogue.
+//   A(i, p) = a[i * a_rs + p * a_cs]
+//   B(p, j) = b[p * b_rs + j * b_cs]
+//   C(i, j) = c[i * ldc + j]
+// Any strides are correct; the kernels coalesce their loads when a_cs == 1 or a_rs == 1 and when
+// b_rs == 1 or b_cs == 1 (the three layouts the ops use: x @ w.T, dz @ w, dz.T @ x).
+// Epilogue on the float (double for double) sums: + bias[j] (if bias), down-cast to T, then with
+// relu: keep the value if it is > 0 (or NaN, like torch.relu), else 0, and set bit (j % 8) of
+// mask[i * ldm + j / 8] iff the down-cast value is > 0; bits for j >= cols are 0. The mask is
+// therefore exactly packbits(y > 0) of the returned y, whatever the dtype.
+// inner == 0 is allowed (C = epilogue(0)); rows == 0 or cols == 0 launches nothing.
+template <typename T>
+struct GemmArgs {
+  int64_t rows = 0, cols = 0, inner = 0;
+  const T* a = nullptr;
+  int64_t a_rs = 0, a_cs = 0;
+  const T* b = nullptr;
+  int64_t b_rs = 0, b_cs = 0;
+  T* c = nullptr;
+  int64_t ldc = 0;
+  const T* bias = nullptr;
+  bool relu = false;
+  uint8_t* mask = nullptr;  // required when relu is set
+  int64_t ldm = 0;
+};
+
+// The three GEMMs of the ops, for row-major contiguous x (M, K), w (N, K), dz (M, N):
+//   forward      y  = x @ w.T (+ bias, ReLU + mask when mask is not null)   rows M, cols N, inner K
+//   grad input   gx = dz @ w                                                rows M, cols K, inner N
+//   grad weight  gw = dz.T @ x                                              rows N, cols K, inner M
+template <typename T>
+GemmArgs<T> forward_gemm(int64_t M, int64_t N, int64_t K, const T* x, const T* w, const T* bias, T* y,
+                         uint8_t* mask) {
+  GemmArgs<T> g;
+  g.rows = M, g.cols = N, g.inner = K;
+  g.a = x, g.a_rs = K, g.a_cs = 1;
+  g.b = w, g.b_rs = 1, g.b_cs = K;  // B(p, j) = w[j, p]
+  g.c = y, g.ldc = N;
+  g.bias = bias;
+  g.relu = mask != nullptr;
+  g.mask = mask;
+  g.ldm = (N + 7) / 8;
+  return g;
+}
+template <typename T>
+GemmArgs<T> grad_input_gemm(int64_t M, int64_t N, int64_t K, const T* dz, const T* w, T* gx) {
+  GemmArgs<T> g;
+  g.rows = M, g.cols = K, g.inner = N;
+  g.a = dz, g.a_rs = N, g.a_cs = 1;
+  g.b = w, g.b_rs = K, g.b_cs = 1;
+  g.c = gx, g.ldc = K;
+  return g;
+}
+template <typename T>
+GemmArgs<T> grad_weight_gemm(int64_t M, int64_t N, int64_t K, const T* dz, const T* x, T* gw) {
+  GemmArgs<T> g;
+  g.rows = N, g.cols = K, g.inner = M;
+  g.a = dz, g.a_rs = 1, g.a_cs = N;  // A(i, p) = dz[p, i]
+  g.b = x, g.b_rs = K, g.b_cs = 1;
+  g.c = gw, g.ldc = K;
+  return g;
+}
+
+// FP32/FP64 CUDA-core GEMM: exact FMA chains, one fixed summation order per element.
+void gemm_simt(const GemmArgs<float>& g, int num_sms, cudaStream_t stream);
+void gemm_simt(const GemmArgs<double>& g, int num_sms, cudaStream_t stream);
+
+// Tensor-core GEMM (WMMA, FP32 accumulation): float16 and bfloat16 (compute capability >= 8.0),
+// and float32 inputs rounded to TF32 (only used when the caller allows TF32).
+void gemm_tensor_core(const GemmArgs<__half>& g, int num_sms, cudaStream_t stream);
+void gemm_tensor_core(const GemmArgs<__nv_bfloat16>& g, int num_sms, cudaStream_t stream);
+void gemm_tensor_core(const GemmArgs<float>& g, int num_sms, cudaStream_t stream);  // TF32
+
+// The ReLU backward and bias gradient for a (rows, cols) row-major gy:
+//   dz(i, j) = gy(i, j) if mask bit (i, j) is set (or mask is null), else 0   -> written if dz
+//   gb(j)    = sum_i dz(i, j), accumulated in acc_t<T>, in a fixed order      -> written if gb
+// Deterministic (no atomics): row chunks of a fixed height (a function of rows only) are summed
+// into `partial`, then the chunks are summed in order. `partial` must hold
+// bias_grad_partials(rows) * cols accumulators; it is unused when that count is <= 1.
+// rows == 0 gives gb = 0.
+int64_t bias_grad_partials(int64_t rows);
+void drelu_bias_grad(int64_t rows, int64_t cols, const float* gy, const uint8_t* mask, int64_t ldm,
+                     float* dz, float* gb, float* partial, cudaStream_t stream);
+void drelu_bias_grad(int64_t rows, int64_t cols, const double* gy, const uint8_t* mask, int64_t ldm,
+                     double* dz, double* gb, double* partial, cudaStream_t stream);
+void drelu_bias_grad(int64_t rows, int64_t cols, const __half* gy, const uint8_t* mask, int64_t ldm,
+                     __half* dz, __half* gb, float* partial, cudaStream_t stream);
+void drelu_bias_grad(int64_t rows, int64_t cols, const __nv_bfloat16* gy, const uint8_t* mask,
+                     int64_t ldm, __nv_bfloat16* dz, __nv_bfloat16* gb, float* partial,
+                     cudaStream_t stream);
+
+}  // namespace fastmlp::cuda
