@@ -1,0 +1,16 @@
+"""One whole training step and one whole epoch (938 steps of batch 64 over a pre-made random
+(60000, 784) tensor, SGD lr 0.01 momentum 0.9) of each project model (fastmlp.bench.MODELS), for every
+step variant of fastmlp.bench.STEP_VARIANTS (fastmlp, eager PyTorch, torch.compile, and any
+registered later, e.g. a fused whole-step path). Variants interleaved per case (see conftest.py)."""
+
+import pytest
+
+from fastmlp import bench
+
+CASES = [f"{kind}/{model}" for model in bench.MODELS for kind in ("step", "epoch")]  # model-major: one build each
+PARAMS = [pytest.param(cid, v, id=f"{cid}-{v}") for cid in CASES for v in bench.STEP_VARIANTS]
+
+
+@pytest.mark.parametrize("case_id,variant", PARAMS)
+def test_training(benchmark, fastmlp_bench, case_id, variant):
+    fastmlp_bench.record(benchmark, case_id, variant)
