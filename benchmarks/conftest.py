@@ -151,7 +151,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         doc = {
             "schema": bench.SCHEMA,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": "pytest benchmarks/ " + " ".join(config.invocation_params.args),
+            "command": " ".join(["pytest", *config.invocation_params.args]),
             "mode": "pytest",
             "machine": sess.machine,
             "peak": sess.peak,

@@ -1,7 +1,8 @@
 """One whole training step and one whole epoch (938 steps of batch 64 over a pre-made random
 (60000, 784) tensor, SGD lr 0.01 momentum 0.9) of each project model (fastmlp.bench.MODELS), for every
-step variant of fastmlp.bench.STEP_VARIANTS (fastmlp, eager PyTorch, torch.compile, and any
-registered later, e.g. a fused whole-step path). Variants interleaved per case (see conftest.py)."""
+step variant of fastmlp.bench.STEP_VARIANTS (fastmlp's modules + autograd + torch.optim.SGD,
+fastmlp-step = FusedMLP.sgd_step, eager PyTorch, torch.compile, and any registered later). Variants
+interleaved per case (see conftest.py)."""
 
 import pytest
 

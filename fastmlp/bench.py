@@ -7,11 +7,15 @@
 
 How things are measured (the same code serves `pytest benchmarks/`):
 
-* Every variant of a case (fastmlp / torch eager / torch.compile) runs in this process on the same
-  input tensors, with its own copy of the same initial weights.
-* Variants are interleaved: each round times one chunk of every variant, the order rotating from
-  round to round, and a variant's figure is the median over rounds of (chunk time / iterations).
-  Speed-ups are ratios of those medians.
+* Every variant of a case (fastmlp / torch eager / torch.compile, and for training also
+  fastmlp-step, FusedMLP.sgd_step's whole-step op) runs in this process on the same input tensors,
+  with its own copy of the same initial weights.
+* Variants are interleaved: each round runs one chunk (a few ms) of every variant, the order rotating
+  from round to round. Every iteration is timed on its own, and a variant's figure is the median of
+  all its iterations (so an iteration hit by a preemption on a busy machine is an outlier, not a
+  shifted chunk); the mean, which keeps such stalls, is in the JSON too. Speed-ups are ratios of
+  medians. Epochs: the variants take turns every eighth of an epoch, each variant's epoch time is
+  the sum of its eight parts, and its figure the median over epochs.
 * Warm-up (including torch.compile's compilation, forward and backward) happens before timing. A
   variant that fails to build or compile is reported "n/a" with its error instead of stopping the run.
 * GFLOP/s count 2*M*K*N per GEMM actually run: forward 1 GEMM, backward 2 (dX, dW), forward+backward 3.
@@ -22,8 +26,8 @@ How things are measured (the same code serves `pytest benchmarks/`):
 * torch.compile uses the default mode, dynamic=False (one static graph per shape), and dynamo's
   caches are reset before each case.
 
-The training-step variants are a registry of step-function factories (STEP_VARIANTS): adding a
-fused whole-step path is a few lines, see register_step_variant().
+The training-step variants are a registry of step-function factories (STEP_VARIANTS): another
+step path is a few lines, see register_step_variant().
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ LAYER_SHAPES = [
 PASSES = ("fwd", "bwd", "fwdbwd")
 GEMMS_PER_PASS = {"fwd": 1, "bwd": 2, "fwdbwd": 3}
 
-# The project's models (layer widths).
+# The project's models (layer widths): fastmlp.models.SIZES, by width.
 MODELS = {
     "784-128-64-10": (784, 128, 64, 10),
     "784-256-10": (784, 256, 10),
@@ -260,8 +264,9 @@ def measure_peak(n: int = 2048, seconds: float = 1.0) -> dict:
 
 # ---- timing core ---------------------------------------------------------------------------------
 
-# A sampler runs `n` iterations of one variant and returns seconds per iteration.
-Sampler = Callable[[int], float]
+# A sampler runs `n` iterations of one variant and returns the seconds each took (each iteration is
+# timed on its own: on a loaded machine a preemption then spoils one iteration, not a whole chunk).
+Sampler = Callable[[int], list]
 
 # "wall": time.perf_counter (the default, what a user waits). "cpu": time.process_time, this process's
 # CPU time (all its threads): with --threads 1 it ignores the time the process spends descheduled,
@@ -276,16 +281,20 @@ def set_timer(name: str) -> None:
     _clock = TIMERS[name]
 
 
-def summarize(samples: list[float]) -> dict:
-    s = sorted(samples)
-    q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0], s[0], s[0]]
+def summarize(rounds: list[list[float]]) -> dict:
+    """Statistics of one variant's per-iteration times, pooled over its rounds; samples_s holds each
+    round's median (what pytest-benchmark is given)."""
+    pooled = sorted(t for r in rounds for t in r)
+    q = statistics.quantiles(pooled, n=4) if len(pooled) >= 2 else [pooled[0]] * 3
     return {
-        "median_s": statistics.median(s),
+        "median_s": statistics.median(pooled),
         "q1_s": q[0],
         "q3_s": q[2],
-        "min_s": s[0],
-        "mean_s": statistics.fmean(s),
-        "rounds": len(s),
+        "min_s": pooled[0],
+        "mean_s": statistics.fmean(pooled),  # includes the stalls the median leaves out
+        "rounds": len(rounds),
+        "iterations": len(rounds[0]) if rounds else 0,
+        "samples_s": [float(f"{statistics.median(r):.6g}") for r in rounds],
     }
 
 
@@ -303,7 +312,7 @@ def _no_gc():
 
 def calibrate(sampler: Sampler, target_s: float, max_n: int = 100000) -> int:
     """Iterations per chunk so that one chunk of `sampler` takes about target_s."""
-    per_iter = min(sampler(1) for _ in range(3))
+    per_iter = min(sampler(1)[0] for _ in range(3))
     if per_iter <= 0:
         return max_n
     return int(max(1, min(max_n, round(target_s / per_iter))))
@@ -311,7 +320,8 @@ def calibrate(sampler: Sampler, target_s: float, max_n: int = 100000) -> int:
 
 def interleave(samplers: dict[str, Sampler], n: int, rounds: int, warmup_rounds: int = 2,
                warmup_s: float = 0.0) -> dict[str, list[float]]:
-    """Per-iteration seconds of each sampler, one chunk of `n` iterations per variant per round,
+    """Per-iteration seconds of each sampler, one chunk of `n` iterations per variant per round (a list
+    per round),
     the order of variants rotating every round, after untimed warm-up rounds (at least
     `warmup_rounds`, and for at least `warmup_s` seconds: this machine's first ~0.1 s of work after
     a pause runs measurably slower)."""
@@ -456,32 +466,37 @@ class LayerCase:
         grad = torch.autograd.grad
         clock = _clock
 
+        # Each timed region includes freeing what the iteration made (outputs, graph), as in training.
         if pass_ == "fwd":  # the training forward: autograd on, what backward needs is saved
 
             def run(iters):
-                t0 = clock()
+                ts = []
                 for _ in range(iters):
+                    t0 = clock()
                     mod(x)
-                return (clock() - t0) / iters
+                    ts.append(clock() - t0)
+                return ts
 
         elif pass_ == "bwd":
 
             def run(iters):
-                total = 0.0
+                ts = []
                 for _ in range(iters):
                     y = mod(x)
                     t0 = clock()
                     grad(y, inputs, gy)
-                    total += clock() - t0
-                return total / iters
+                    ts.append(clock() - t0)
+                return ts
 
         elif pass_ == "fwdbwd":
 
             def run(iters):
-                t0 = clock()
+                ts = []
                 for _ in range(iters):
+                    t0 = clock()
                     grad(mod(x), inputs, gy)
-                return (clock() - t0) / iters
+                    ts.append(clock() - t0)
+                return ts
 
         else:
             raise ValueError(f"unknown pass {pass_!r}")
@@ -539,11 +554,30 @@ def _step_compile(sizes, state):
     return step
 
 
+def _step_fastmlp_fused(sizes, state):
+    """FusedMLP.sgd_step: forward, loss, backward and the SGD update in one fused op."""
+    import fastmlp
+
+    model = fastmlp.FusedMLP(sizes)
+    if not hasattr(model, "sgd_step"):
+        raise RuntimeError("this fastmlp has no FusedMLP.sgd_step (whole-step op)")
+    model.load_state_dict(state)
+    opt = torch.optim.SGD(model.parameters(), **SGD)
+
+    def step(x, y):
+        return model.sgd_step(x, y, opt)
+
+    return step
+
+
 # name -> factory(sizes, state_dict) -> step(x, y): one whole training step (forward, loss,
 # zero_grad(set_to_none=True), backward, SGD(lr=0.01, momentum=0.9).step()) on a model of those
-# sizes starting from `state_dict` (keys as in fastmlp.plain_mlp / FusedMLP).
+# sizes starting from `state_dict` (keys as in fastmlp.plain_mlp / FusedMLP). Variants named
+# "fastmlp..." are fastmlp's own: each gets a speed-up against eager torch, and the targets are
+# judged on the best of them.
 STEP_VARIANTS: dict[str, Callable] = {
-    "fastmlp": _step_fastmlp,
+    "fastmlp": _step_fastmlp,  # FusedMLP modules, autograd, torch.optim.SGD
+    "fastmlp-step": _step_fastmlp_fused,  # FusedMLP.sgd_step
     "torch": _step_torch,
     "compile": _step_compile,
 }
@@ -620,9 +654,11 @@ class TrainCase:
             return self._layer_flops(BATCH)
         return sum(self._layer_flops(hi - lo) for lo, hi in self.epoch_batches)
 
-    def sampler(self, vname, kind, epoch_steps=None) -> Sampler:
-        """kind "step": seconds per step; "epoch": seconds per epoch, timing the first `epoch_steps`
-        steps of it and scaling up to the whole epoch when given (None: the whole epoch)."""
+    def sampler(self, vname, kind, epoch_steps=None, segments=1) -> Sampler:
+        """kind "step": seconds per step. kind "epoch": the epoch (its first `epoch_steps` steps when
+        given, None: all) cut into `segments` consecutive parts; each iteration runs the next part and
+        returns its seconds (so `segments` iterations make one epoch; the sampler's .scale turns the
+        timed steps' total into a whole epoch's)."""
         step, X, Y = self.steps[vname], self.X, self.Y
         clock = _clock
         if kind == "step":
@@ -632,27 +668,37 @@ class TrainCase:
 
             def run(iters):
                 i = pos[0]
-                t0 = clock()
+                ts = []
                 for _ in range(iters):
                     xb, yb = batches[i]
+                    t0 = clock()
                     step(xb, yb)
+                    ts.append(clock() - t0)
                     i = (i + 1) % len(batches)
-                dt = clock() - t0
                 pos[0] = i
-                return dt / iters
+                return ts
 
             return run
         if kind == "epoch":
             batches = self.epoch_batches[:epoch_steps]
-            scale = len(self.epoch_batches) / len(batches)
+            nseg = max(1, min(segments, len(batches)))
+            bounds = [round(i * len(batches) / nseg) for i in range(nseg + 1)]
+            parts = [batches[bounds[i] : bounds[i + 1]] for i in range(nseg)]
+            pos = [0]
 
             def run(iters):
-                t0 = clock()
+                ts = []
                 for _ in range(iters):
-                    for lo, hi in batches:
+                    part = parts[pos[0]]
+                    t0 = clock()
+                    for lo, hi in part:
                         step(X[lo:hi], Y[lo:hi])
-                return (clock() - t0) / iters * scale
+                    ts.append(clock() - t0)
+                    pos[0] = (pos[0] + 1) % nseg
+                return ts
 
+            run.segments = nseg
+            run.scale = len(self.epoch_batches) / len(batches)
             return run
         raise ValueError(f"unknown training benchmark {kind!r}")
 
@@ -664,7 +710,8 @@ class TrainCase:
 class Settings:
     rounds: int = 30  # timed interleaved rounds per case
     chunk_s: float = 0.002  # target time of one chunk (one variant, one round)
-    epoch_rounds: int = 5  # timed rounds of the epoch benchmark
+    epoch_rounds: int = 5  # timed rounds (epochs per variant) of the epoch benchmark
+    epoch_segments: int = 8  # variants take turns every 1/8 epoch, so slow drifts of the machine hit all alike
     epoch_steps: int | None = None  # None: whole epochs (938 steps); else extrapolated from this many
     epoch_budget_s: float | None = None  # whole epochs unless they would take longer than this (then extrapolated)
     variants: list[str] | None = None  # None: all
@@ -724,23 +771,29 @@ class Runner:
                 steps = s.epoch_steps and min(s.epoch_steps, total)
                 if steps is None and s.epoch_budget_s and case.steps:
                     # Whole epochs would take (rounds + 1 warm-up) x (sum of the variants' epochs).
-                    per_round = sum(case.sampler(v, "step")(20) for v in case.steps) * total
+                    per_round = sum(statistics.median(case.sampler(v, "step")(20)) for v in case.steps) * total
                     need = per_round * (s.epoch_rounds + 1)
                     if need > s.epoch_budget_s:
                         steps = max(30, int(total * s.epoch_budget_s / need))
                 steps = None if steps is None or steps >= total else steps
-            samplers = {name: case.sampler(name, kind, steps) for name in case.steps}
+            samplers = {name: case.sampler(name, kind, steps, s.epoch_segments) for name in case.steps}
             errors, flops = case.errors, case.flops(kind)
             info = {"model": rest, "sizes": list(case.sizes), "batch": BATCH, "optimizer": dict(SGD, name="SGD")}
             if kind == "epoch":
                 info["epoch_steps"] = total
                 info["timed_steps"] = total if steps is None else steps
                 info["extrapolated"] = steps is not None
-            rounds, chunk = (s.epoch_rounds, None) if kind == "epoch" else (s.rounds, s.chunk_s)
+            if kind == "epoch" and samplers:
+                # One epoch of warm-up, then epoch_rounds epochs per variant, taking turns by segment.
+                first = next(iter(samplers.values()))
+                nseg = first.segments
+                info["segments"] = nseg
+                return measure(case_id, kind, samplers, errors, flops, s.epoch_rounds * nseg, None, (nseg, 0.0),
+                               info, group=nseg, scale=first.scale)
+            rounds, chunk = s.rounds, s.chunk_s
         else:
             raise ValueError(f"unknown case {case_id!r}")
-        warmup = (s.warmup_rounds, s.warmup_s) if chunk is not None else (1, 0.0)
-        return measure(case_id, kind, samplers, errors, flops, rounds, chunk, warmup, info)
+        return measure(case_id, kind, samplers, errors, flops, rounds, chunk, (s.warmup_rounds, s.warmup_s), info)
 
 
 def _filter_variants(registry, wanted):
@@ -749,8 +802,10 @@ def _filter_variants(registry, wanted):
     return [v for v in registry if v in wanted]
 
 
-def measure(case_id, kind, samplers, errors, flops, rounds, chunk_s, warmup, info) -> dict:
-    """Interleaves the samplers and returns the case's result record (see SCHEMA)."""
+def measure(case_id, kind, samplers, errors, flops, rounds, chunk_s, warmup, info, group=1, scale=1.0) -> dict:
+    """Interleaves the samplers and returns the case's result record (see SCHEMA). chunk_s None: one
+    iteration per variant per round. group > 1: every `group` consecutive rounds of a variant make one
+    sample, the sum of their times x `scale` (the segments of an epoch)."""
     result = {"id": case_id, "kind": kind, **info, "flops": flops, "variants": {}, "speedup": {}}
     samples = {}
     iterations = 1
@@ -761,6 +816,11 @@ def measure(case_id, kind, samplers, errors, flops, rounds, chunk_s, warmup, inf
         mon = LoadMonitor().start()
         samples = interleave(samplers, iterations, rounds, *warmup)
         result["other_load"] = mon.stop()
+        if group > 1:
+            samples = {
+                name: [[sum(r[0] for r in ts[i : i + group]) * scale] for i in range(0, len(ts) - group + 1, group)]
+                for name, ts in samples.items()
+            }
     for name, ts in samples.items():
         st = summarize(ts)
         result["variants"][name] = {
@@ -768,8 +828,6 @@ def measure(case_id, kind, samplers, errors, flops, rounds, chunk_s, warmup, inf
             **st,
             "median_us": st["median_s"] * 1e6,
             "gflops": flops / st["median_s"] / 1e9,
-            "iterations": iterations,
-            "samples_s": [float(f"{t:.6g}") for t in ts],
         }
     for name, err in errors.items():
         result["variants"][name] = {"status": "n/a", "error": err}
@@ -789,9 +847,15 @@ def measure(case_id, kind, samplers, errors, flops, rounds, chunk_s, warmup, inf
     }
     tgt = target_for(case_id)
     if tgt is not None:
-        got = result["speedup"].get("torch")
-        result["target"] = {"vs": "torch", "min": tgt, "met": None if got is None else bool(got >= tgt)}
+        ours = {v: x for v, x in result["speedup_vs_torch"].items() if is_fastmlp(v)}
+        best = max(ours, key=ours.get) if ours else None
+        result["target"] = {"vs": "torch", "min": tgt, "met": None if best is None else bool(ours[best] >= tgt),
+                            "variant": best, "speedup": None if best is None else ours[best]}
     return result
+
+
+def is_fastmlp(variant: str) -> bool:
+    return variant == "fastmlp" or variant.startswith("fastmlp-")
 
 
 # ---- output --------------------------------------------------------------------------------------
@@ -817,8 +881,8 @@ def _variant_names(results):
         for v in r["variants"]:
             if v not in names:
                 names.append(v)
-    order = {"fastmlp": 0, "torch": 1, "compile": 2}
-    return sorted(names, key=lambda v: (order.get(v, 3), names.index(v)))
+    order = {"fastmlp": 0, "torch": 2, "compile": 3}
+    return sorted(names, key=lambda v: (order.get(v, 1 if is_fastmlp(v) else 4), names.index(v)))
 
 
 def _markdown(headers, rows):
@@ -834,7 +898,8 @@ def _target_cell(r):
     if not t:
         return ""
     mark = "?" if t["met"] is None else ("met" if t["met"] else "MISSED")
-    return f">={t['min']:.1f}x {mark}"
+    by = f" by {t['variant']}" if t.get("variant") not in (None, "fastmlp") else ""
+    return f">={t['min']:.1f}x {mark}{by}"
 
 
 def format_tables(results, peak=None, threads=None) -> str:
@@ -857,7 +922,7 @@ def format_tables(results, peak=None, threads=None) -> str:
         headers += [f"{v} GFLOP/s" for v in names]
         if peak_gf:
             headers.append("fastmlp % peak")
-        headers += [f"x vs {b}" for b in BASELINES]
+        headers += [f"fastmlp x vs {b}" for b in BASELINES]
         extra = [v for v in names if v not in ("fastmlp", *BASELINES)]
         headers += [f"{v} x vs torch" for v in extra]
         headers.append("target (vs torch)")
@@ -934,9 +999,13 @@ def format_machine(machine, peak=None) -> str:
 # ---- comparing with an earlier run ---------------------------------------------------------------
 
 
-def compare(old: dict, new: dict, threshold: float = 0.10) -> tuple[list[dict], str]:
+def compare(old: dict, new: dict, threshold: float = 0.10, criteria: str = "both") -> tuple[list[dict], str]:
     """Cases whose fastmlp median grew by more than `threshold` or whose speed-up against a baseline
-    dropped by more than `threshold` (relative). Returns (regressions, printable report)."""
+    dropped by more than `threshold` (relative). criteria "ratio" or "median" checks only that one
+    (on a shared machine absolute medians drift between runs far more than same-run ratios do).
+    Returns (regressions, printable report)."""
+    check_median = criteria in ("both", "median")
+    check_ratio = criteria in ("both", "ratio")
     old_by_id = {r["id"]: r for r in old.get("results", [])}
     rows, regressions = [], []
     for r in new.get("results", []):
@@ -947,17 +1016,22 @@ def compare(old: dict, new: dict, threshold: float = 0.10) -> tuple[list[dict], 
         fm_new = r["variants"].get("fastmlp", {})
         fm_old = o["variants"].get("fastmlp", {})
         t_change = None
-        if fm_new.get("status") == "ok" and fm_old.get("status") == "ok":
-            t_change = fm_new["median_s"] / fm_old["median_s"] - 1
-            if t_change > threshold:
-                flags.append(f"fastmlp median +{100 * t_change:.0f}%")
-        s_changes = {}
+        for v in [v for v in r["variants"] if is_fastmlp(v)]:
+            vn, vo = r["variants"][v], o["variants"].get(v, {})
+            if vn.get("status") == "ok" and vo.get("status") == "ok":
+                change = vn["median_s"] / vo["median_s"] - 1
+                if v == "fastmlp":
+                    t_change = change
+                if check_median and change > threshold:
+                    flags.append(f"{v} median +{100 * change:.0f}%")
+            if v != "fastmlp":  # its speed-up against eager torch
+                sn, so = r.get("speedup_vs_torch", {}).get(v), o.get("speedup_vs_torch", {}).get(v)
+                if check_ratio and sn is not None and so and sn / so < 1 - threshold:
+                    flags.append(f"{v} x vs torch {so:.2f}->{sn:.2f}")
         for base in BASELINES:
             sn, so = r["speedup"].get(base), o.get("speedup", {}).get(base)
-            if sn is not None and so is not None and so > 0:
-                s_changes[base] = sn / so - 1
-                if sn / so < 1 - threshold:
-                    flags.append(f"x vs {base} {so:.2f}->{sn:.2f}")
+            if check_ratio and sn is not None and so is not None and so > 0 and sn / so < 1 - threshold:
+                flags.append(f"x vs {base} {so:.2f}->{sn:.2f}")
         row = [
             r["id"],
             fmt_time(fm_old.get("median_s")) if fm_old.get("status") == "ok" else "n/a",
@@ -972,7 +1046,9 @@ def compare(old: dict, new: dict, threshold: float = 0.10) -> tuple[list[dict], 
         if flags:
             regressions.append({"id": r["id"], "flags": flags})
     headers = ["case", "fastmlp before", "fastmlp now", "change"] + [f"x vs {b}" for b in BASELINES] + ["verdict"]
-    report = [f"### Compared with {old.get('created', 'an earlier run')} (threshold {100 * threshold:.0f}%)", ""]
+    what = {"both": "median or speed-up", "ratio": "speed-up", "median": "median"}[criteria]
+    report = [f"### Compared with {old.get('created', 'an earlier run')} (flagged: {what} worse by more than "
+              f"{100 * threshold:.0f}%)", ""]
     if rows:
         report.append(_markdown(headers, rows))
     else:
@@ -1005,6 +1081,9 @@ def _parser(prog):
     p.add_argument("--json", metavar="PATH", help="write the results to PATH")
     p.add_argument("--compare", metavar="OLD_JSON", help="compare with an earlier --json output and flag regressions")
     p.add_argument("--threshold", type=float, default=0.10, help="relative change flagged by --compare (default 0.10)")
+    p.add_argument("--criteria", choices=("both", "ratio", "median"), default="both",
+                   help="what --compare flags: a speed-up ratio that dropped, a fastmlp median that grew, or "
+                   "both (default)")
     p.add_argument("--fail-on-regression", action="store_true", help="exit with status 1 when --compare flags a case")
     p.add_argument("--threads", type=int, help="torch.set_num_threads(N) (default: torch's default)")
     p.add_argument("--timer", choices=sorted(TIMERS), default="wall",
@@ -1035,13 +1114,22 @@ def main(argv=None, prog="fastmlp bench") -> int:
         print(show(doc))
         if args.compare:
             with open(args.compare) as f:
-                regressions, report = compare(json.load(f), doc, args.threshold)
+                regressions, report = compare(json.load(f), doc, args.threshold, args.criteria)
             print()
             print(report)
             return 1 if regressions and args.fail_on_regression else 0
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads_before = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _run(args, argv, prog)
+    finally:
+        torch.set_num_threads(threads_before)
+        set_timer("wall")
+
+
+def _run(args, argv, prog) -> int:
     _configure_dynamo()
 
     if args.cases:
@@ -1140,7 +1228,7 @@ def main(argv=None, prog="fastmlp bench") -> int:
 
     status = 1 if any("error" in r for r in results) else 0
     if old is not None:
-        regressions, report = compare(old, doc, args.threshold)
+        regressions, report = compare(old, doc, args.threshold, args.criteria)
         print()
         print(report)
         if regressions and args.fail_on_regression:

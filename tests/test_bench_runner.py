@@ -9,7 +9,7 @@ import pytest
 from fastmlp import bench
 
 SMALL = "layer/64x64x10/fwdbwd"
-BASE_ARGS = ["--repeat", "3", "--chunk-ms", "0.2", "--no-compile", "--no-peak"]
+BASE_ARGS = ["--repeat", "3", "--chunk-ms", "0.2", "--no-compile", "--no-peak", "--threads", "1"]
 
 
 def run_json(tmp_path, name, *args):
@@ -46,7 +46,8 @@ def test_json_schema(tmp_path):
     assert r["speedup"]["torch"] == pytest.approx(r["variants"]["torch"]["median_s"] / r["variants"]["fastmlp"]["median_s"])
     assert r["speedup"]["compile"] is None
     assert r["max_abs_diff_vs_torch"]["fastmlp"] < 1e-3
-    assert r["target"] == {"vs": "torch", "min": 1.5, "met": r["speedup"]["torch"] >= 1.5}
+    assert r["target"] == {"vs": "torch", "min": 1.5, "met": r["speedup"]["torch"] >= 1.5, "variant": "fastmlp",
+                           "speedup": r["speedup"]["torch"]}
 
 
 def test_compare_flags_regression(tmp_path, capsys):
@@ -63,6 +64,8 @@ def test_compare_flags_regression(tmp_path, capsys):
     assert any("median" in f for f in regressions[0]["flags"])
     assert any("vs torch" in f for f in regressions[0]["flags"])
     assert "REGRESSION" in report
+    assert bench.compare(old, doc, criteria="ratio")[0][0]["flags"] == [f for f in regressions[0]["flags"] if "vs" in f]
+    assert bench.compare(old, doc, criteria="median")[0][0]["flags"] == [f for f in regressions[0]["flags"] if "median" in f]
 
     # An earlier run that was 3x slower: no regression.
     better = copy.deepcopy(doc)
@@ -105,14 +108,29 @@ def test_training_cases_and_step_registry(tmp_path, monkeypatch):
     doc = json.loads(path.read_text())
     step, epoch = doc["results"]
     assert step["id"] == "step/784-256-10" and epoch["id"] == "epoch/784-256-10"
-    assert set(step["variants"]) == {"fastmlp", "torch", "fastmlp-again"}
-    assert set(step["speedup_vs_torch"]) == {"fastmlp", "fastmlp-again"}
+    expected = {v for v in bench.STEP_VARIANTS if v != "compile"}
+    assert "fastmlp-again" in expected and "fastmlp-step" in expected
+    assert set(step["variants"]) == expected
+    assert set(step["speedup_vs_torch"]) == expected - {"torch"}
     for v in [*step["variants"].values(), *epoch["variants"].values()]:
         assert v["status"] == "ok" and v["median_s"] > 0
     assert epoch["extrapolated"] and epoch["timed_steps"] == 4 and epoch["epoch_steps"] == 938
     # Per step: forward 784x256 and 256x10, dW of both, dX of the second only.
     assert step["flops"] == 2 * 64 * (2 * 784 * 256 + 3 * 256 * 10)
     assert epoch["target"]["min"] == 2.4
+    ours = {v: x for v, x in epoch["speedup_vs_torch"].items()}
+    assert epoch["target"]["variant"] == max(ours, key=ours.get)
+
+
+def test_threads_restored_and_models_match(tmp_path):
+    import torch
+
+    import fastmlp.models
+
+    before = torch.get_num_threads()
+    run_json(tmp_path, "run.json")  # --threads 1
+    assert torch.get_num_threads() == before
+    assert sorted(bench.MODELS.values()) == sorted(tuple(s) for s in fastmlp.models.SIZES.values())
 
 
 def test_case_selection():
