@@ -74,7 +74,7 @@ def extensions():
     cxx = ["-O3", "-fopenmp", "-std=c++20", "-Wno-uninitialized", "-Wno-maybe-uninitialized", f'-DFASTMLP_TORCH_VERSION="{torch.__version__}"']
     kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(HERE, "csrc")])
     if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         return [
             CUDAExtension(

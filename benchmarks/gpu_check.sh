@@ -6,7 +6,9 @@
 #
 # 1. builds and installs fastmlp for this GPU's architecture only (quicker than the default list);
 # 2. runs FASTMLP_CUDA_KERNELS=1 pytest tests/test_cuda.py (parity, gradcheck, determinism, ...);
-# 3. runs benchmarks/gpu_bench.py (fused layer vs F.linear + relu on cuBLAS) and prints its table.
+# 3. runs benchmarks/gpu_bench.py (fused layer vs F.linear + relu on cuBLAS) and
+#    benchmarks/gpu_step_bench.py (whole training step vs eager torch and torch.compile), printing
+#    their tables. FASTMLP_DATA=DIR (holding MNIST/raw/*.gz) makes the epoch timing use real MNIST.
 # Every step has a time limit so that the whole script ends within 8 minutes. Logs go to $OUT (if
 # set) or to ./gpu_check_logs. Exit status: 0 only if the build and all tests passed.
 #
@@ -65,19 +67,43 @@ FASTMLP_CUDA_KERNELS=1 timeout 150 "$PY" -m pytest "$ROOT/tests/test_cuda.py" -q
   --rootdir "$ROOT" > "$LOGS/pytest.txt" 2>&1
 TEST_RC=$?
 tail -30 "$LOGS/pytest.txt"
-if [ $TEST_RC -eq 0 ]; then say "tests passed"; else say "TESTS FAILED (rc=$TEST_RC, see pytest.txt)"; fi
+if [ $TEST_RC -eq 0 ]; then say "tests/test_cuda.py passed"; else say "TESTS FAILED (rc=$TEST_RC, see pytest.txt)"; fi
 
-# ---- 3. benchmark -------------------------------------------------------------------------------
-LEFT=$(( 470 - $(elapsed) ))
+# The CUDA cases of the rest of the suite (parity, autograd, modules, whole step) on the same kernels.
+say "running the CUDA cases of the other test modules"
+FASTMLP_CUDA_KERNELS=1 timeout 90 "$PY" -m pytest "$ROOT/tests/test_parity.py" "$ROOT/tests/test_autograd.py" \
+  "$ROOT/tests/test_modules.py" "$ROOT/tests/test_sgd_step.py" -k cuda -q -rfEs -p no:cacheprovider \
+  --rootdir "$ROOT" > "$LOGS/pytest_other.txt" 2>&1
+OTHER_RC=$?
+tail -15 "$LOGS/pytest_other.txt"
+if [ $OTHER_RC -eq 0 ] || [ $OTHER_RC -eq 5 ]; then say "other CUDA cases passed (rc=$OTHER_RC)"
+else say "OTHER CUDA CASES FAILED (rc=$OTHER_RC, see pytest_other.txt)"; TEST_RC=1; fi
+
+# ---- 3. benchmarks ------------------------------------------------------------------------------
+# Layer benchmark first (quick), then the training-step benchmark, each with what time is left.
+LEFT=$(( 380 - $(elapsed) )); [ $LEFT -gt 90 ] && LEFT=90
 if [ $LEFT -gt 20 ]; then
-  say "benchmark (limit ${LEFT}s)"
-  FASTMLP_CUDA_KERNELS=1 timeout $LEFT "$PY" "$ROOT/benchmarks/gpu_bench.py" --json "$LOGS/bench.json" \
-    > "$LOGS/bench.txt" 2>&1
+  say "layer benchmark (limit ${LEFT}s)"
+  FASTMLP_CUDA_KERNELS=1 timeout $LEFT "$PY" "$ROOT/benchmarks/gpu_bench.py" --reps 9 --batch-ms 10 \
+    --json "$LOGS/bench.json" > "$LOGS/bench.txt" 2>&1
   BENCH_RC=$?
   cat "$LOGS/bench.txt"
-  [ $BENCH_RC -eq 0 ] || say "benchmark FAILED or timed out (rc=$BENCH_RC, see bench.txt)"
+  [ $BENCH_RC -eq 0 ] || say "layer benchmark FAILED or timed out (rc=$BENCH_RC, see bench.txt)"
 else
-  say "no time left for the benchmark"
+  say "no time left for the layer benchmark"
+fi
+LEFT=$(( 440 - $(elapsed) ))
+if [ $LEFT -gt 30 ]; then
+  DATA_ARG=()
+  [ -n "${FASTMLP_DATA:-}" ] && DATA_ARG=(--data "$FASTMLP_DATA")
+  say "training-step benchmark (limit ${LEFT}s)"
+  FASTMLP_CUDA_KERNELS=1 timeout $LEFT "$PY" "$ROOT/benchmarks/gpu_step_bench.py" "${DATA_ARG[@]}" \
+    --steps 200 --reps 5 --json "$LOGS/step_bench.json" > "$LOGS/step_bench.txt" 2>&1
+  STEP_RC=$?
+  cat "$LOGS/step_bench.txt"
+  [ $STEP_RC -eq 0 ] || say "training-step benchmark FAILED or timed out (rc=$STEP_RC, see step_bench.txt)"
+else
+  say "no time left for the training-step benchmark"
 fi
 
 say "done: tests rc=$TEST_RC"

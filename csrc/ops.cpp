@@ -11,11 +11,14 @@
 // (numpy.packbits(y > 0, axis=1, bitorder="little")). needs = [gx, gw, gb]; an output that is not
 // needed is returned as an empty tensor of shape (0,).
 //
-//   mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay) -> loss
+//   mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay,
+//                lr_scale=None) -> loss
 // one training step of the MLP relu(...relu(x @ w0.T + b0)...) @ wL.T + bL with mean softmax
 // cross-entropy against `target` (int64 class indices), updating weights, biases and their momentum
 // buffers in place exactly as torch.optim.SGD(lr, momentum, weight_decay) does after backward().
-// biases may be empty (no bias); the buffer lists may be empty when momentum == 0.
+// biases may be empty (no bias); the buffer lists may be empty when momentum == 0. lr_scale, if
+// given, is a one-element tensor of x's dtype and device: the learning rate is then lr * lr_scale,
+// read where the step runs (on the GPU, so a CUDA-graph-captured step can follow an LR schedule).
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
@@ -23,7 +26,7 @@
 #ifdef FASTMLP_WITH_CUDA
 namespace fastmlp::cuda {
 const char* compiled_arch_list();
-void register_cuda_kernels();  // csrc/cuda/linear_ops.cu
+void register_cuda_kernels();  // csrc/cuda/ops_cuda.cpp
 }  // namespace fastmlp::cuda
 #endif
 
@@ -34,7 +37,8 @@ TORCH_LIBRARY(fastmlp, m) {
   m.def("linear_bwd(Tensor gy, Tensor x, Tensor w, bool[3] needs) -> (Tensor, Tensor, Tensor)");
   m.def(
       "mlp_sgd_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
-      "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float lr, float momentum, float weight_decay) -> Tensor");
+      "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float lr, float momentum, float weight_decay, "
+      "Tensor? lr_scale=None) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -12,11 +12,13 @@ import torch as _torch
 from . import _ops
 from . import functional
 from .functional import linear, linear_relu
+from .cuda_graph import CUDAGraphStep
 from .modules import FusedLinearReLU, FusedMLP, Linear, convert, plain_mlp
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CUDAGraphStep",
     "FusedLinearReLU",
     "FusedMLP",
     "Linear",
@@ -36,7 +38,7 @@ def backend(device="cpu") -> str:
 
     "compiled"  hand-written kernels from the compiled extension
     "fallback"  the pure-PyTorch reference (no extension; for CUDA also when the hand-written CUDA
-                kernels are not enabled: they are opt-in with FASTMLP_CUDA_KERNELS=1 at import)
+                extension was built without its CUDA sources, or FASTMLP_CUDA_KERNELS=0 at import)
     """
     kind = _torch.device(device).type
     if kind == "cpu":

@@ -6,8 +6,8 @@ whatever the backend (schemas: csrc/ops.cpp).
 
 Environment (read once, at import):
   FASTMLP_DISABLE_EXTENSION=1  ignore the compiled extension: the pure-PyTorch reference serves all
-  FASTMLP_CUDA_KERNELS=1       serve CUDA tensors with the hand-written CUDA kernels (opt-in while
-                               they are unvalidated on GPUs); default: the PyTorch reference
+  FASTMLP_CUDA_KERNELS=0       serve CUDA tensors with the PyTorch reference instead of the
+                               hand-written CUDA kernels (the default when the build has them)
 """
 
 import os
@@ -24,7 +24,8 @@ SCHEMAS = {
     "linear_fwd": "linear_fwd(Tensor x, Tensor w, Tensor? b) -> Tensor",
     "linear_bwd": "linear_bwd(Tensor gy, Tensor x, Tensor w, bool[3] needs) -> (Tensor, Tensor, Tensor)",
     "mlp_sgd_step": "mlp_sgd_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
-    "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float lr, float momentum, float weight_decay) -> Tensor",
+    "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float lr, float momentum, float weight_decay, "
+    "Tensor? lr_scale=None) -> Tensor",
 }
 _REFERENCE = {
     "linear_relu_fwd": ref.linear_relu_fwd,
@@ -77,21 +78,16 @@ if _C is None:
     _LIBS.append(_lib)
     CUDA_KERNELS = False
 else:
-    # CUDA tensors. The hand-written CUDA kernels (csrc/cuda) have not yet been validated on a GPU,
-    # so they are opt-in: with FASTMLP_CUDA_KERNELS=1 in the environment at import time, and an
-    # extension built with the CUDA sources, they serve the CUDA dispatch key; otherwise (the
-    # default) CUDA tensors take the PyTorch reference (_reference.py, cuBLAS matmuls).
-    _want_cuda_kernels = os.environ.get("FASTMLP_CUDA_KERNELS", "0") == "1"
+    # CUDA tensors: the hand-written CUDA kernels (csrc/cuda) when the extension was built with them,
+    # unless FASTMLP_CUDA_KERNELS=0 at import; otherwise the PyTorch reference (_reference.py).
+    _cuda_env = os.environ.get("FASTMLP_CUDA_KERNELS", "")
+    _want_cuda_kernels = _cuda_env != "0"
     _has_cuda_kernels = bool(getattr(_C, "has_cuda_kernels", lambda: False)())
     if _want_cuda_kernels and _has_cuda_kernels:
         _C.register_cuda_kernels()
         CUDA_KERNELS = True
-        # The whole-step op has no CUDA kernel yet.
-        _lib = torch.library.Library("fastmlp", "IMPL")
-        _lib.impl("mlp_sgd_step", _REFERENCE["mlp_sgd_step"], "CUDA")
-        _LIBS.append(_lib)
     else:
-        if _want_cuda_kernels:
+        if _cuda_env == "1":
             warnings.warn(
                 "fastmlp: FASTMLP_CUDA_KERNELS=1 but the compiled extension was built without its CUDA "
                 "sources (no nvcc, or FASTMLP_CPU_ONLY=1); CUDA tensors use the PyTorch reference",
@@ -140,7 +136,7 @@ def _(gy, x, w, needs):
 
 
 @torch.library.register_fake("fastmlp::mlp_sgd_step")
-def _(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay):
+def _(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay, lr_scale=None):
     return x.new_empty(())
 
 

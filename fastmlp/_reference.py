@@ -1,5 +1,5 @@
-"""The ops in plain PyTorch: the fallback when the extension is unavailable, the CUDA path unless the
-hand-written CUDA kernels are enabled (FASTMLP_CUDA_KERNELS=1), and the executable definition the
+"""The ops in plain PyTorch: the fallback when the extension is unavailable, the CUDA path when the
+hand-written CUDA kernels are not built or are disabled (FASTMLP_CUDA_KERNELS=0), and the executable definition the
 kernels are tested against."""
 
 import torch
@@ -54,8 +54,15 @@ def linear_relu_bwd(gy, x, w, mask, needs):
     return linear_bwd(dz, x, w, needs)
 
 
-def mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay):
+def mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay, lr_scale=None):
     """Forward, mean cross-entropy, backward and torch.optim.SGD's update, all in place."""
+    if lr_scale is not None:
+        if lr_scale.numel() != 1 or lr_scale.dtype != x.dtype or lr_scale.device != x.device:
+            raise RuntimeError(
+                f"fastmlp::mlp_sgd_step: lr_scale must be a one-element {x.dtype} tensor on {x.device}, got "
+                f"{lr_scale.dtype} of shape {tuple(lr_scale.shape)} on {lr_scale.device}"
+            )
+        lr = lr * float(lr_scale)
     if target.dtype != torch.int64:
         raise RuntimeError(f"fastmlp::mlp_sgd_step: target must be int64 class indices, got {target.dtype}")
     classes = weights[-1].shape[0]

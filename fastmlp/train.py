@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _ops
+from .cuda_graph import CUDAGraphStep
 from .data import DATASETS, Split, derive_seed, epoch_order, iterate_batches, load_dataset
 from .models import BACKENDS, SIZES, model_for
 
@@ -259,6 +260,10 @@ class Trainer:
         # FusedMLP, SGD, no dropout, one process. Same result as autograd within float32 rounding.
         self.fused_step = (hasattr(self.model, "sgd_step") and config.optimizer == "sgd" and config.dropout == 0
                            and world == 1)
+        # On a GPU with fastmlp's CUDA kernels the whole step is also captured in a CUDA graph.
+        self.graph_step = None
+        if self.fused_step and self.device.type == "cuda" and _ops.CUDA_KERNELS:
+            self.graph_step = CUDAGraphStep(self.model, self.optimizer, config.batch_size)
         self.net = self.model
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -307,7 +312,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             if self.fused_step:
-                loss = self.model.sgd_step(x, y, self.optimizer) * n_global  # returns the mean loss
+                step = self.graph_step or (lambda x, y: self.model.sgd_step(x, y, self.optimizer))
+                loss = step(x, y) * n_global  # the mean loss (the graph's is overwritten next step)
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(self.net(x), y, reduction="sum")
@@ -405,7 +411,8 @@ def describe(trainer: "Trainer", resumed: bool = False) -> str:
     c, s = trainer.config, trainer.splits
     kernels = f"{_kernels(trainer.device)} kernels" if c.backend == "fused" else "nn.Linear"
     if c.backend == "fused":
-        kernels += ", fused SGD step" if trainer.fused_step else ", autograd"
+        kernels += (", fused SGD step" + (" in a CUDA graph" if trainer.graph_step else "")
+                    if trainer.fused_step else ", autograd")
     recipe = f"{c.optimizer} lr {c.lr:g}" + (f" momentum {c.momentum:g}" if c.optimizer == "sgd" else "")
     recipe += (f" weight_decay {c.weight_decay:g}" if c.weight_decay else "")
     recipe += (f" dropout {c.dropout:g}" if c.dropout else "") + f", {c.schedule} schedule"

@@ -1,10 +1,10 @@
 """The hand-written CUDA kernels (csrc/cuda) against nn.Linear + nn.ReLU, the reference ops and
 gradcheck. GPU tests skip without a GPU; the build/registration tests run anywhere.
 
-The CUDA kernels are opt-in (FASTMLP_CUDA_KERNELS=1, read when fastmlp is imported), so this module
-sets the variable before importing fastmlp. If fastmlp was already imported without it (another
-test module first), the GPU tests fail with a hint instead of silently testing the PyTorch
-reference: run `FASTMLP_CUDA_KERNELS=1 pytest tests/test_cuda.py`.
+The CUDA kernels serve CUDA tensors unless FASTMLP_CUDA_KERNELS=0 (read when fastmlp is imported);
+this module sets FASTMLP_CUDA_KERNELS=1 before importing fastmlp. If fastmlp was already imported
+with the kernels disabled, the GPU tests fail with a hint instead of silently testing the PyTorch
+reference.
 
 Parity data are small multiples of powers of two ("grid" data): every product and every partial sum
 is exact in FP32, so any summation order gives the same FP32 result as cuBLAS, the ReLU mask cannot
@@ -80,7 +80,7 @@ def cuda_kernels():
         "fastmlp's extension was built without its CUDA sources (or not built): rebuild with nvcc on PATH"
     )
     assert fastmlp.backend("cuda") == "compiled", (
-        "fastmlp was imported before tests/test_cuda.py set FASTMLP_CUDA_KERNELS=1; run "
+        "fastmlp was imported with FASTMLP_CUDA_KERNELS=0 before tests/test_cuda.py ran; run "
         "`FASTMLP_CUDA_KERNELS=1 pytest tests/test_cuda.py`"
     )
     m = torch.backends.cuda.matmul
@@ -115,7 +115,7 @@ def _registration_in_subprocess(env_value):
     code = (
         "import torch, fastmlp\n"
         "print(fastmlp.backend('cuda'))\n"
-        "for op in ('linear_relu_fwd', 'linear_relu_bwd', 'linear_fwd', 'linear_bwd'):\n"
+        "for op in ('linear_relu_fwd', 'linear_relu_bwd', 'linear_fwd', 'linear_bwd', 'mlp_sgd_step'):\n"
         "    line = [l for l in torch._C._dispatch_dump('fastmlp::' + op).splitlines() if l.startswith('CUDA:')]\n"
         "    print(line[0] if line else 'CUDA: none')\n"
     )
@@ -130,15 +130,15 @@ def _registration_in_subprocess(env_value):
 
 
 @pytest.mark.skipif(not BUILT_WITH_CUDA_KERNELS, reason="extension built without CUDA sources")
-def test_cuda_kernels_registered_only_when_enabled():
-    backend, where = _registration_in_subprocess("1")
-    assert backend == "compiled"
-    assert len(where) == 4 and all("csrc/cuda/linear_ops.cu" in w for w in where), where
-
-    for value in (None, "0"):
+def test_cuda_kernels_registered_unless_disabled():
+    for value in (None, "1"):
         backend, where = _registration_in_subprocess(value)
-        assert backend == "fallback"
-        assert len(where) == 4 and all("_ops.py" in w for w in where), where
+        assert backend == "compiled"
+        assert len(where) == 5 and all("csrc/cuda/ops_cuda.cpp" in w for w in where), where
+
+    backend, where = _registration_in_subprocess("0")
+    assert backend == "fallback"
+    assert len(where) == 5 and all("_ops.py" in w for w in where), where
 
 
 @pytest.mark.skipif(not BUILT_WITH_CUDA_KERNELS, reason="extension built without CUDA sources")
@@ -399,3 +399,171 @@ def test_fused_mlp_training_step_matches_plain(cuda_kernels):
     torch.testing.assert_close(fused(x), plain(x), **EXACT)
     for p, q in zip(fused.parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, **EXACT)
+
+
+# ---- GPU: the whole training step and its CUDA graph ----------------------------------------
+
+
+def _step_models(sizes, bias, dtype, seed):
+    torch.manual_seed(seed)
+    plain = fastmlp.plain_mlp(sizes, bias=bias, device="cuda", dtype=dtype)
+    fused = fastmlp.FusedMLP.from_torch(plain)
+    return plain, fused
+
+
+def _torch_sgd_steps(plain, batches, hyper, lrs):
+    opt = torch.optim.SGD(plain.parameters(), **hyper)
+    losses = []
+    for (x, y), lr in zip(batches, lrs):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = F.cross_entropy(plain(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), opt
+
+
+STEP_TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("momentum,weight_decay", [(0.9, 5e-4), (0.0, 0.0)], ids=["momentum", "plain"])
+@pytest.mark.parametrize("sizes,bias,batch", [
+    ([784, 128, 64, 10], True, 64),
+    ([784, 256, 10], True, 64),
+    ([33, 17, 5], False, 7),
+    ([40, 300, 3], True, 300),  # bias-gradient partial sums (batch > one row chunk)
+], ids=["mnist", "fashion", "odd-nobias", "batch300"])
+def test_mlp_sgd_step_matches_torch(cuda_kernels, sizes, bias, batch, momentum, weight_decay, dtype):
+    plain, fused = _step_models(sizes, bias, dtype, seed=len(sizes) * batch)
+    gen = torch.Generator(device="cuda").manual_seed(41)
+    batches = [(torch.randn(batch, sizes[0], device="cuda", dtype=dtype, generator=gen),
+                torch.randint(0, sizes[-1], (batch,), device="cuda", generator=gen)) for _ in range(4)]
+    hyper = dict(lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    want, _ = _torch_sgd_steps(plain, batches, hyper, [0.05] * 4)
+    opt = torch.optim.SGD(fused.parameters(), **hyper)
+    got = torch.stack([fused.sgd_step(x, y, opt) for x, y in batches])
+    assert got.dtype == dtype and got.device.type == "cuda"
+    torch.testing.assert_close(got, want, **STEP_TOL[dtype])
+    for p, q in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, **STEP_TOL[dtype])
+
+
+def test_mlp_sgd_step_lr_scale_and_determinism(cuda_kernels):
+    sizes = [784, 128, 64, 10]
+    runs = []
+    for lr, scale in [(0.02, None), (1.0, 0.02), (0.02, None)]:
+        _, fused = _step_models(sizes, True, torch.float32, seed=3)
+        weights = [m.weight for m in fused]
+        biases = [m.bias for m in fused]
+        wb = [torch.zeros_like(w) for w in weights]
+        bb = [torch.zeros_like(b) for b in biases]
+        gen = torch.Generator(device="cuda").manual_seed(5)
+        for _ in range(3):
+            x = torch.randn(64, 784, device="cuda", generator=gen)
+            y = torch.randint(0, 10, (64,), device="cuda", generator=gen)
+            s = None if scale is None else torch.tensor([scale], device="cuda")
+            with torch.no_grad():
+                torch.ops.fastmlp.mlp_sgd_step(x, y, weights, biases, wb, bb, lr, 0.9, 0.0, s)
+        runs.append([p.detach().clone() for p in fused.parameters()])
+    for a, b in zip(runs[0], runs[2]):
+        assert torch.equal(a, b)  # bitwise reproducible
+    for a, b in zip(runs[0], runs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_mlp_sgd_step_bad_target_changes_nothing(cuda_kernels):
+    _, fused = _step_models([20, 8, 4], True, torch.float32, seed=9)
+    opt = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(6, 20, device="cuda")
+    good = torch.tensor([0, 1, 2, 3, 0, 1], device="cuda")
+    fused.sgd_step(x, good, opt)  # creates the momentum buffers
+    before = [t.clone() for t in fused.parameters()] + [opt.state[p]["momentum_buffer"].clone()
+                                                      for p in fused.parameters()]
+    for bad in (4, -1):
+        y = good.clone()
+        y[3] = bad
+        loss = fused.sgd_step(x, y, opt)
+        assert torch.isnan(loss)
+        after = [t for t in fused.parameters()] + [opt.state[p]["momentum_buffer"] for p in fused.parameters()]
+        for a, b in zip(before, after):
+            assert torch.equal(a, b)
+    assert torch.isfinite(fused.sgd_step(x, good, opt))
+
+
+def test_mlp_sgd_step_cuda_argument_errors(cuda_kernels):
+    _, fused = _step_models([20, 8, 4], True, torch.float32, seed=9)
+    opt = torch.optim.SGD(fused.parameters(), lr=0.1)
+    x = torch.randn(6, 20, device="cuda")
+    y = torch.zeros(6, dtype=torch.int64, device="cuda")
+    with pytest.raises(RuntimeError, match="target must be int64"):
+        fused.sgd_step(x, y.int(), opt)
+    with pytest.raises(RuntimeError, match="target is on"):
+        fused.sgd_step(x, y.cpu(), opt)
+    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+        torch.ops.fastmlp.mlp_sgd_step(x.half(), y, [m.weight.half() for m in fused], [], [], [], 0.1, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="lr_scale must be a one-element"):
+        torch.ops.fastmlp.mlp_sgd_step(x, y, [m.weight for m in fused], [], [], [], 0.1, 0.0, 0.0,
+                                       torch.ones(2, device="cuda"))
+
+
+def test_cuda_graph_step_matches_torch(cuda_kernels):
+    sizes = [784, 128, 64, 10]
+    plain, fused = _step_models(sizes, True, torch.float32, seed=13)
+    gen = torch.Generator(device="cuda").manual_seed(43)
+    batches = [(torch.randn(64, 784, device="cuda", generator=gen),
+                torch.randint(0, 10, (64,), device="cuda", generator=gen)) for _ in range(6)]
+    batches.append((batches[0][0][:17], batches[0][1][:17]))  # a last, partial batch: eager fallback
+    lrs = [0.05 * (1 - i / 10) for i in range(len(batches))]  # a per-step schedule
+    hyper = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+    want, _ = _torch_sgd_steps(plain, batches, hyper, lrs)
+    opt = torch.optim.SGD(fused.parameters(), **hyper)
+    step = fastmlp.CUDAGraphStep(fused, opt, batch_size=64)
+    got = []
+    for (x, y), lr in zip(batches, lrs):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        got.append(step(x, y).clone())
+    assert step.captures == 1  # the LR schedule did not force a new capture
+    torch.testing.assert_close(torch.stack(got), want, rtol=2e-5, atol=2e-6)
+    for p, q in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+
+    # Replacing the momentum buffers (load_state_dict) must lead to a new capture, not stale pointers.
+    opt.load_state_dict(opt.state_dict())
+    step(*batches[0])
+    assert step.captures == 2
+
+
+def test_cuda_graph_step_errors(cuda_kernels):
+    _, fused = _step_models([20, 8, 4], True, torch.float32, seed=9)
+    opt = torch.optim.SGD(fused.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        fastmlp.CUDAGraphStep(fused, opt, batch_size=0)
+    with pytest.raises(TypeError, match="needs a torch.optim.SGD"):
+        fastmlp.CUDAGraphStep(fused, torch.optim.Adam(fused.parameters()), batch_size=4)
+    step = fastmlp.CUDAGraphStep(fused, opt, batch_size=4)
+    with pytest.raises(ValueError, match="x must be a torch.float32 tensor of shape"):
+        step(torch.randn(4, 20, device="cuda", dtype=torch.float64), torch.zeros(4, dtype=torch.int64, device="cuda"))
+    with pytest.raises(ValueError, match="target must be an int64 tensor"):
+        step(torch.randn(4, 20, device="cuda"), torch.zeros(4, dtype=torch.int32, device="cuda"))
+
+
+def test_trainer_uses_the_cuda_graph_step(cuda_kernels):
+    from fastmlp import train as T
+    from fastmlp.data import Split
+
+    g = torch.Generator().manual_seed(0)
+    n = 64 * 5 + 17  # a partial last batch too
+    data = Split("fake", torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g))
+    val = Split("val", data.images[:100], data.labels[:100])
+    results = []
+    for device in ("cuda", "cpu"):
+        splits = {"train": data.to(device), "val": val.to(device), "test": val.to(device)}
+        tr = T.Trainer(T.TrainConfig(epochs=2, lr=0.05, batch_size=64), splits, device=device)
+        assert (tr.graph_step is not None) == (device == "cuda")
+        results.append([tr.train_epoch()["train_loss"] for _ in range(2)])
+    assert tr.graph_step is None
+    torch.testing.assert_close(torch.tensor(results[0]), torch.tensor(results[1]), rtol=1e-4, atol=1e-5)

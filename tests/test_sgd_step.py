@@ -94,3 +94,27 @@ def test_sgd_step_opcheck():
     bb = [torch.zeros_like(b) for b in bs]
     args = (torch.randn(5, 6), torch.randint(0, 3, (5,)), ws, bs, wb, bb, 0.1, 0.9, 0.0)
     torch.library.opcheck(torch.ops.fastmlp.mlp_sgd_step.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sgd_step_lr_scale(device):
+    """lr_scale (a one-element tensor, read where the step runs) multiplies lr."""
+    results = []
+    for lr, scale in [(0.03, None), (1.0, 0.03), (0.5, 0.06)]:
+        torch.manual_seed(0)
+        model = fastmlp.FusedMLP([12, 9, 4], device=device, dtype=torch.float64)
+        ws, bs = [m.weight for m in model], [m.bias for m in model]
+        wb, bb = [torch.zeros_like(w) for w in ws], [torch.zeros_like(b) for b in bs]
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(10, 12, dtype=torch.float64, generator=gen).to(device)
+            y = torch.randint(0, 4, (10,), generator=gen).to(device)
+            s = None if scale is None else torch.tensor([scale], dtype=torch.float64, device=device)
+            with torch.no_grad():
+                torch.ops.fastmlp.mlp_sgd_step(x, y, ws, bs, wb, bb, lr, 0.9, 1e-3, s)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="lr_scale must be a one-element"):
+        torch.ops.fastmlp.mlp_sgd_step(x, y, ws, bs, wb, bb, 0.1, 0.9, 0.0, torch.ones(1, device=device))

@@ -46,6 +46,7 @@ void check_step_args(const Tensor& x, const Tensor& target, at::TensorList weigh
     const Tensor& w = weights[l];
     TORCH_CHECK(w.dim() == 2 && w.size(1) == fan_in, kOp, ": weights[", l, "] must have shape (*, ", fan_in,
                 "), got ", w.sizes());
+    TORCH_CHECK(w.size(0) > 0, kOp, ": weights[", l, "] must have at least one output feature");
     TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), kOp, ": weights[", l,
                 "] must match x's dtype and device");
     TORCH_CHECK(w.is_contiguous(), kOp, ": weights[", l, "] must be contiguous (it is updated in place)");
@@ -171,8 +172,16 @@ Tensor step(const Tensor& x_, const Tensor& target_, at::TensorList weights, at:
 }
 
 Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
-                    at::TensorList wbufs, at::TensorList bbufs, double lr, double momentum, double weight_decay) {
+                    at::TensorList wbufs, at::TensorList bbufs, double lr, double momentum, double weight_decay,
+                    const std::optional<Tensor>& lr_scale) {
   check_step_args(x, target, weights, biases, wbufs, bbufs, momentum);
+  if (lr_scale.has_value()) {
+    TORCH_CHECK(lr_scale->numel() == 1 && lr_scale->scalar_type() == x.scalar_type() &&
+                    lr_scale->device() == x.device(),
+                kOp, ": lr_scale must be a one-element ", x.scalar_type(), " tensor on ", x.device(), ", got ",
+                lr_scale->scalar_type(), " of shape ", lr_scale->sizes(), " on ", lr_scale->device());
+    lr *= lr_scale->item<double>();
+  }
   if (x.scalar_type() == at::kDouble)
     return step<double>(x, target, weights, biases, wbufs, bbufs, lr, momentum, weight_decay);
   return step<float>(x, target, weights, biases, wbufs, bbufs, float(lr), float(momentum), float(weight_decay));

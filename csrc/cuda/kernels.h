@@ -102,4 +102,33 @@ void drelu_bias_grad(int64_t rows, int64_t cols, const __nv_bfloat16* gy, const 
                      int64_t ldm, __nv_bfloat16* dz, __nv_bfloat16* gb, float* partial,
                      cudaStream_t stream);
 
+// ---- the whole training step (mlp_step.cu) ----------------------------------------------------
+
+// Mean softmax cross-entropy of logits (rows, cols) against int64 class indices, in one block:
+//   dz(i, j) = (softmax(logits(i))_j - [j == target(i)]) / rows      -> written to dz
+//   gb(j)    = sum_i dz(i, j), rows in order                           -> written if gb
+//   *loss    = mean_i (logsumexp(logits(i)) - logits(i, target(i)))    (fixed summation order)
+//   *bad     = 1 if some target is outside [0, cols), else 0; then *loss is NaN.
+// The check costs no host synchronisation, so the step stays capturable in a CUDA graph.
+void softmax_xent(int64_t rows, int64_t cols, const float* logits, const int64_t* target, float* dz,
+                  float* gb, float* loss, int32_t* bad, cudaStream_t stream);
+void softmax_xent(int64_t rows, int64_t cols, const double* logits, const int64_t* target, double* dz,
+                  double* gb, double* loss, int32_t* bad, cudaStream_t stream);
+
+// torch.optim.SGD's update (dampening 0, no Nesterov) of many tensors in one launch:
+//   d = g + weight_decay * p;  if buf: d = buf = momentum * buf + d;  p -= lr * d
+// with lr multiplied by *lr_scale when lr_scale is not null. Nothing is written when *skip != 0
+// (skip may be null).
+template <typename T>
+struct SgdTensor {
+  T* p = nullptr;
+  T* buf = nullptr;  // momentum buffer, or null for momentum 0
+  const T* g = nullptr;
+  int64_t n = 0;
+};
+void sgd_update(const SgdTensor<float>* tensors, int count, float lr, const float* lr_scale, float momentum,
+                float weight_decay, const int32_t* skip, int num_sms, cudaStream_t stream);
+void sgd_update(const SgdTensor<double>* tensors, int count, double lr, const double* lr_scale, double momentum,
+                double weight_decay, const int32_t* skip, int num_sms, cudaStream_t stream);
+
 }  // namespace fastmlp::cuda

@@ -1,0 +1,81 @@
+// ATen-facing launch helpers shared by the CUDA ops (linear_ops.cu, mlp_step.cu): where and how to
+// launch on the current device, and the GEMM dispatch by dtype and precision mode.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <mutex>
+#include <type_traits>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace fastmlp::cuda {
+
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return static_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mptr(at::Tensor& t) {
+  return static_cast<T*>(t.mutable_data_ptr());
+}
+
+// Where and how to launch, on the current device (set by the caller's CUDAGuard).
+struct Launch {
+  cudaStream_t stream;
+  int num_sms;
+  bool tensor_cores;  // sm_80+: WMMA for fp16 / bf16 / tf32
+  bool tf32;          // float32 GEMMs on TF32 tensor cores
+};
+
+// SM count and compute capability of the current device. Queried with cudaDeviceGetAttribute
+// rather than at::cuda::getCurrentDeviceProperties(), whose header (ATen/cuda/CUDAContext.h) needs
+// the cuBLAS/cuSPARSE headers, which a bare CUDA toolkit may lack.
+struct DeviceInfo {
+  int num_sms, major, minor;
+};
+
+inline DeviceInfo device_info() {
+  constexpr int kMaxDevices = 64;
+  static DeviceInfo cache[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  const int dev = c10::cuda::current_device();
+  auto query = [](int d) {
+    DeviceInfo info{};
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, d));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, d));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.minor, cudaDevAttrComputeCapabilityMinor, d));
+    return info;
+  };
+  if (dev < 0 || dev >= kMaxDevices) return query(dev);
+  std::call_once(once[dev], [&] { cache[dev] = query(dev); });
+  return cache[dev];
+}
+
+inline Launch launch_config(at::ScalarType dtype) {
+  const DeviceInfo dev = device_info();
+  Launch l;
+  l.stream = c10::cuda::getCurrentCUDAStream().stream();  // == at::cuda::getCurrentCUDAStream()
+  l.num_sms = dev.num_sms;
+  l.tensor_cores = dev.major >= 8;
+  l.tf32 = l.tensor_cores && dtype == at::kFloat && at::globalContext().allowTF32CuBLAS();
+  return l;  // float16 / bfloat16 on a GPU without tensor cores were refused by ops_cuda.cpp
+}
+
+template <typename T>
+inline void gemm(const GemmArgs<T>& g, const Launch& l) {
+  if constexpr (std::is_same_v<T, double>) {
+    gemm_simt(g, l.num_sms, l.stream);
+  } else if constexpr (std::is_same_v<T, float>) {
+    if (l.tf32) gemm_tensor_core(g, l.num_sms, l.stream);
+    else gemm_simt(g, l.num_sms, l.stream);
+  } else {
+    gemm_tensor_core(g, l.num_sms, l.stream);
+  }
+}
+
+}  // namespace fastmlp::cuda

@@ -1,0 +1,31 @@
+// The CUDA ops' implementations (linear_ops.cu, mlp_step.cu), called by csrc/cuda/ops_cuda.cpp after it
+// has validated the arguments. Only ATen types here: ops_cuda.cpp is compiled by the host compiler.
+//
+// Validation lives on the host-compiler side on purpose: on the H200 test machine (torch 2.11,
+// nvcc 13.0) failing TORCH_CHECKs in an nvcc-compiled translation unit that formatted shapes
+// crashed the process instead of raising (ones formatting only dtypes raised normally), so argument
+// errors are never raised from a .cu file.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace fastmlp::cuda {
+
+// relu: returns (relu(x @ w.T + b), mask); else (x @ w.T + b, undefined).
+std::tuple<at::Tensor, at::Tensor> linear_fwd_impl(const at::Tensor& x, const at::Tensor& w,
+                                                   const std::optional<at::Tensor>& b, bool relu);
+// With a mask: the ReLU backward first. needs = [gx, gw, gb].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_impl(const at::Tensor& gy, const at::Tensor& x,
+                                                               const at::Tensor& w,
+                                                               const std::optional<at::Tensor>& mask,
+                                                               std::array<bool, 3> needs);
+// lr_scale: undefined, or a validated one-element tensor of x's dtype on x's device.
+at::Tensor mlp_sgd_step_impl(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+                             at::TensorList biases, at::TensorList wbufs, at::TensorList bbufs, double lr,
+                             double momentum, double weight_decay, const at::Tensor& lr_scale);
+
+}  // namespace fastmlp::cuda

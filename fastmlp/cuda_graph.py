@@ -1,0 +1,102 @@
+"""CUDAGraphStep: FusedMLP's whole training step (the fastmlp::mlp_sgd_step op) captured once in a
+CUDA graph and replayed, so that a step costs one graph launch instead of a dozen kernel launches
+and a pass through Python and the dispatcher for each."""
+
+import torch
+
+from . import _ops
+from .modules import FusedMLP
+
+
+class CUDAGraphStep:
+    """A replayable training step for a FusedMLP on a GPU, with a torch.optim.SGD optimizer:
+
+        step = fastmlp.CUDAGraphStep(model, optimizer, batch_size=64)
+        for x, y in batches:
+            loss = step(x, y)          # == model.sgd_step(x, y, optimizer), one graph launch
+
+    Each call copies the batch into static input buffers, sets the learning rate on the device
+    (so LR schedulers and per-step schedules work without capturing again) and replays the graph.
+    The graph is captured on the first call, and again only when momentum or weight decay change
+    or the parameters or momentum buffers are replaced (e.g. optimizer.load_state_dict()).
+    Batches of another size (a last, partial batch) run through model.sgd_step() instead.
+
+    The returned loss is a GPU tensor that the next call overwrites: read it (loss.item()) or
+    clone it before calling again. Needs fastmlp's compiled CUDA kernels (fastmlp.backend("cuda")
+    == "compiled"), whose step never synchronises with the host: a target outside [0, classes)
+    gives a NaN loss and leaves the parameters and momentum buffers unchanged.
+    """
+
+    def __init__(self, model: FusedMLP, optimizer: torch.optim.SGD, batch_size: int):
+        if not isinstance(model, FusedMLP):
+            raise TypeError(f"CUDAGraphStep needs a fastmlp.FusedMLP, got {type(model).__name__}")
+        weight = model[0].weight
+        if weight.device.type != "cuda":
+            raise ValueError(f"CUDAGraphStep needs a model on a CUDA device, got one on {weight.device}")
+        if not _ops.CUDA_KERNELS:
+            raise RuntimeError(
+                "CUDAGraphStep needs fastmlp's compiled CUDA kernels, which are not active here "
+                f"(fastmlp.backend('cuda') == 'fallback'; see fastmlp.backend_info())"
+            )
+        if int(batch_size) <= 0:
+            raise ValueError(f"CUDAGraphStep: batch_size must be positive, got {batch_size}")
+        model._sgd_step_params(optimizer)  # validates the optimizer now rather than at the first step
+        self.model, self.optimizer, self.batch_size = model, optimizer, int(batch_size)
+        self._x = torch.zeros(self.batch_size, model.sizes[0], device=weight.device, dtype=weight.dtype)
+        self._y = torch.zeros(self.batch_size, device=weight.device, dtype=torch.int64)
+        self._lr = torch.ones(1, device=weight.device, dtype=weight.dtype)
+        self._lr_value = None
+        self._graph = None
+        self._key = None
+        self._loss = None
+        self.captures = 0  # how many times the step was captured (for tests and the curious)
+
+    def _args(self):
+        """The op's parameter arguments and the key that says whether the captured graph still applies."""
+        weights, biases, group = self.model._sgd_step_params(self.optimizer)
+        momentum = float(group["momentum"])
+        wbufs, bbufs = [], []
+        if momentum != 0:
+            state = self.optimizer.state
+            wbufs = [FusedMLP._momentum_buffer(state, w) for w in weights]
+            bbufs = [FusedMLP._momentum_buffer(state, b) for b in biases]
+        tensors = weights + biases + wbufs + bbufs
+        key = (momentum, float(group["weight_decay"]), tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors))
+        return (weights, biases, wbufs, bbufs, momentum, float(group["weight_decay"])), float(group["lr"]), key
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[0] != self.batch_size:
+            return self.model.sgd_step(x, target, self.optimizer)
+        if x.shape[1] != self.model.sizes[0] or x.dtype != self._x.dtype or x.device != self._x.device:
+            raise ValueError(
+                f"CUDAGraphStep: x must be a {self._x.dtype} tensor of shape ({self.batch_size}, "
+                f"{self.model.sizes[0]}) on {self._x.device}, got {x.dtype} {tuple(x.shape)} on {x.device}"
+            )
+        if target.shape != (self.batch_size,) or target.dtype != torch.int64 or target.device != self._y.device:
+            raise ValueError(
+                f"CUDAGraphStep: target must be an int64 tensor of shape ({self.batch_size},) on "
+                f"{self._y.device}, got {target.dtype} {tuple(target.shape)} on {target.device}"
+            )
+        args, lr, key = self._args()
+        if key != self._key:
+            self._capture(args)
+            self._key = key
+        if lr != self._lr_value:
+            self._lr.fill_(lr)
+            self._lr_value = lr
+        self._x.copy_(x)
+        self._y.copy_(target)
+        self._graph.replay()
+        return self._loss
+
+    def _capture(self, args):
+        weights, biases, wbufs, bbufs, momentum, weight_decay = args
+        self._graph = self._loss = None  # frees the previous graph's memory pool first
+        graph = torch.cuda.CUDAGraph()
+        # Capture records the launches without running them: nothing is updated here.
+        with torch.cuda.graph(graph):
+            loss = torch.ops.fastmlp.mlp_sgd_step(
+                self._x, self._y, weights, biases, wbufs, bbufs, 1.0, momentum, weight_decay, self._lr
+            )
+        self._graph, self._loss = graph, loss
+        self.captures += 1
