@@ -37,8 +37,8 @@ def backend(device="cpu") -> str:
     """What serves fastmlp's ops for tensors on `device`:
 
     "compiled"  hand-written kernels from the compiled extension
-    "fallback"  the pure-PyTorch reference (no extension; for CUDA also when the hand-written CUDA
-                extension was built without its CUDA sources, or FASTMLP_CUDA_KERNELS=0 at import)
+    "fallback"  the pure-PyTorch reference (no extension; for CUDA also when the extension was built
+                without its CUDA sources, or FASTMLP_CUDA_KERNELS=0 was set at import)
     """
     kind = _torch.device(device).type
     if kind == "cpu":
