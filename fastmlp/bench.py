@@ -437,6 +437,7 @@ class LayerCase:
             except Exception as e:  # noqa: BLE001 - reported as n/a
                 self.modules.pop(name, None)
                 self.errors[name] = _error_text(e)
+        self.max_rel_diff: dict[str, float] = {}
         self.max_abs_diff = self._check()
 
     def _check(self):
@@ -450,10 +451,13 @@ class LayerCase:
             return [y.detach(), *torch.autograd.grad(y, [self.x, *_layer_params(mod)], self.gy)]
 
         ref = outputs(self.modules["torch"])
-        out = {}
+        out, rel = {}, {}
         for name, mod in self.modules.items():
             if name != "torch":
-                out[name] = max(float((a - b).abs().max()) for a, b in zip(outputs(mod), ref))
+                diffs = [(float((a - b).abs().max()), float(b.abs().max())) for a, b in zip(outputs(mod), ref)]
+                out[name] = max(d for d, _ in diffs)
+                rel[name] = max(d / max(s, 1.0) for d, s in diffs)
+        self.max_rel_diff = rel
         return out
 
     def flops(self, pass_):
@@ -761,7 +765,8 @@ class Runner:
             samplers = {name: case.sampler(name, pass_) for name in case.modules}
             errors, flops = case.errors, case.flops(pass_)
             info = {"shape": {"batch": shape[0], "in": shape[1], "out": shape[2]}, "pass": pass_,
-                    "max_abs_diff_vs_torch": case.max_abs_diff}
+                    "max_abs_diff_vs_torch": case.max_abs_diff,
+                    "max_rel_diff_vs_torch": case.max_rel_diff}
             rounds, chunk = s.rounds, s.chunk_s
         elif kind in ("step", "epoch"):
             case = self.train_case(rest)
@@ -956,9 +961,13 @@ def format_notes(results, elapsed=None, machine=None) -> str:
     if ext:
         lines.append("Extrapolated epochs: " + ", ".join(f"{r['id']} timed {r['timed_steps']} of {r['epoch_steps']} steps"
                                                         for r in ext) + ".")
-    wrong = [(r["id"], v, d) for r in results for v, d in (r.get("max_abs_diff_vs_torch") or {}).items() if d > 1e-2]
+    # Relative to each tensor's largest value: at large batch a pre-activation within rounding of 0
+    # may take the other side of the ReLU in one of the two, which moves a weight-gradient sum by one
+    # term (a few units in a sum of thousands): a few percent, not a wrong kernel.
+    wrong = [(r["id"], v, d) for r in results for v, d in (r.get("max_rel_diff_vs_torch") or {}).items() if d > 5e-2]
     for cid, v, d in wrong:
-        lines.append(f"WARNING: {cid}: {v} differs from eager torch by up to {d:.3g} (output or gradients)")
+        lines.append(f"WARNING: {cid}: {v} differs from eager torch by up to {d:.3g} of the largest value "
+                     "(output or gradients)")
     loads = [(r["other_load"], r["id"]) for r in results if r.get("other_load") is not None]
     if loads:
         mean = sum(v for v, _ in loads) / len(loads)
