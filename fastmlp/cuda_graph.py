@@ -93,8 +93,9 @@ class CUDAGraphStep:
         weights, biases, wbufs, bbufs, momentum, weight_decay = args
         self._graph = self._loss = None  # frees the previous graph's memory pool first
         graph = torch.cuda.CUDAGraph()
-        # Capture records the launches without running them: nothing is updated here.
-        with torch.cuda.graph(graph):
+        # Capture records the launches without running them: nothing is updated here. The capture
+        # stream must belong to the model's device, which need not be the current one.
+        with torch.cuda.device(self._x.device), torch.cuda.graph(graph):
             loss = torch.ops.fastmlp.mlp_sgd_step(
                 self._x, self._y, weights, biases, wbufs, bbufs, 1.0, momentum, weight_decay, self._lr
             )
