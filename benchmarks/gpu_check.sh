@@ -5,7 +5,8 @@
 #     bash benchmarks/gpu_check.sh
 #
 # 1. builds and installs fastmlp for this GPU's architecture only (quicker than the default list);
-# 2. runs FASTMLP_CUDA_KERNELS=1 pytest tests/test_cuda.py (parity, gradcheck, determinism, ...);
+# 2. runs tests/test_cuda.py (parity, gradcheck, determinism, whole step, CUDA graph, errors) and the
+#    CUDA cases of the other test modules, in groups, each in its own process;
 # 3. runs benchmarks/gpu_bench.py (fused layer vs F.linear + relu on cuBLAS) and
 #    benchmarks/gpu_step_bench.py (whole training step vs eager torch and torch.compile), printing
 #    their tables. FASTMLP_DATA=DIR (holding MNIST/raw/*.gz) makes the epoch timing use real MNIST.
@@ -62,22 +63,26 @@ fi
 cat "$LOGS/backend.txt"
 
 # ---- 2. tests -----------------------------------------------------------------------------------
-say "running tests/test_cuda.py"
-FASTMLP_CUDA_KERNELS=1 timeout 150 "$PY" -m pytest "$ROOT/tests/test_cuda.py" -q -rfEs -p no:cacheprovider \
-  --rootdir "$ROOT" > "$LOGS/pytest.txt" 2>&1
-TEST_RC=$?
-tail -30 "$LOGS/pytest.txt"
-if [ $TEST_RC -eq 0 ]; then say "tests/test_cuda.py passed"; else say "TESTS FAILED (rc=$TEST_RC, see pytest.txt)"; fi
-
+# In groups, each in its own process: a crash (say, a kernel fault) loses one group's remaining
+# tests, not the whole run. Every group's output is kept in pytest_<group>.txt.
+TEST_RC=0
+run_tests() {  # name, timeout, pytest arguments...
+  local name=$1 limit=$2; shift 2
+  say "tests: $name"
+  FASTMLP_CUDA_KERNELS=1 timeout "$limit" "$PY" -m pytest "$@" -q -rfEs -p no:cacheprovider --rootdir "$ROOT" \
+    > "$LOGS/pytest_$name.txt" 2>&1
+  local rc=$?
+  tail -6 "$LOGS/pytest_$name.txt"
+  if [ $rc -eq 0 ] || [ $rc -eq 5 ]; then say "tests: $name passed (rc=$rc)"
+  else say "TESTS FAILED: $name (rc=$rc, see pytest_$name.txt)"; TEST_RC=1; fi
+}
+T="$ROOT/tests"
+run_tests layers 120 "$T/test_cuda.py" -k "not step and not graph and not trainer and not errors"
+run_tests step 90 "$T/test_cuda.py" -k "(step or graph or trainer) and not errors"
+run_tests errors 60 "$T/test_cuda.py" -k "errors"
 # The CUDA cases of the rest of the suite (parity, autograd, modules, whole step) on the same kernels.
-say "running the CUDA cases of the other test modules"
-FASTMLP_CUDA_KERNELS=1 timeout 90 "$PY" -m pytest "$ROOT/tests/test_parity.py" "$ROOT/tests/test_autograd.py" \
-  "$ROOT/tests/test_modules.py" "$ROOT/tests/test_sgd_step.py" -k cuda -q -rfEs -p no:cacheprovider \
-  --rootdir "$ROOT" > "$LOGS/pytest_other.txt" 2>&1
-OTHER_RC=$?
-tail -15 "$LOGS/pytest_other.txt"
-if [ $OTHER_RC -eq 0 ] || [ $OTHER_RC -eq 5 ]; then say "other CUDA cases passed (rc=$OTHER_RC)"
-else say "OTHER CUDA CASES FAILED (rc=$OTHER_RC, see pytest_other.txt)"; TEST_RC=1; fi
+run_tests other 90 "$T/test_parity.py" "$T/test_autograd.py" "$T/test_modules.py" "$T/test_sgd_step.py" \
+  "$T/test_errors.py" -k cuda
 
 # ---- 3. benchmarks ------------------------------------------------------------------------------
 # Layer benchmark first (quick), then the training-step benchmark, each with what time is left.
