@@ -52,7 +52,9 @@ __device__ __forceinline__ void load_smem(const T* p, T (&r)[N]) {
 // B_KC: B is contiguous along k (b_rs == 1); else along n (b_cs == 1) or arbitrary.
 // These choose only which global index consecutive threads load (coalescing); the addressing
 // uses both strides, so every layout gives correct results.
-template <typename T, typename Tile, bool A_KC, bool B_KC>
+// SPLIT: block z sums only inner slice [z * split_len, (z + 1) * split_len) and stores its raw sums
+// to workspace slice z (rows x cols); splitk_reduce_kernel then applies the epilogue.
+template <typename T, typename Tile, bool A_KC, bool B_KC, bool SPLIT = false>
 __global__ void __launch_bounds__(Tile::THREADS) gemm_simt_kernel(const GemmArgs<T> g) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "CUDA-core path: float/double");
   using Acc = acc_t<T>;
@@ -79,10 +81,15 @@ __global__ void __launch_bounds__(Tile::THREADS) gemm_simt_kernel(const GemmArgs
 
   const TileLoader<T, BM, BK, NT, A_KC> a_loader(tid);
   const TileLoader<T, BN, BK, NT, B_KC> b_loader(tid);
-  for (int64_t k0 = 0; k0 < g.inner; k0 += BK) {
+  int64_t k_begin = 0, k_end = g.inner;
+  if constexpr (SPLIT) {
+    k_begin = int64_t(blockIdx.z) * g.split_len;
+    k_end = k_begin + g.split_len < g.inner ? k_begin + g.split_len : g.inner;
+  }
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
     // A(i, p) = a[i * a_rs + p * a_cs];  B(p, j) = b[p * b_rs + j * b_cs] (tile rows are j).
-    a_loader.load(g.a, g.a_rs, g.a_cs, row0, g.rows, k0, g.inner, [&](int m, int k, T v) { As[k][m] = v; });
-    b_loader.load(g.b, g.b_cs, g.b_rs, col0, g.cols, k0, g.inner, [&](int n, int k, T v) { Bs[k][n] = v; });
+    a_loader.load(g.a, g.a_rs, g.a_cs, row0, g.rows, k0, k_end, [&](int m, int k, T v) { As[k][m] = v; });
+    b_loader.load(g.b, g.b_cs, g.b_rs, col0, g.cols, k0, k_end, [&](int n, int k, T v) { Bs[k][n] = v; });
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < BK; ++k) {
@@ -97,21 +104,57 @@ __global__ void __launch_bounds__(Tile::THREADS) gemm_simt_kernel(const GemmArgs
     __syncthreads();  // the next iteration overwrites As / Bs
   }
 
+  if constexpr (SPLIT) {
+    Acc* ws = static_cast<Acc*>(g.workspace) + int64_t(blockIdx.z) * g.rows * g.cols;
 #pragma unroll
-  for (int r = 0; r < TM; ++r) {
-    const int64_t row = row0 + ty * TM + r;
-    const int64_t col = col0 + tx * TN;
-    uint32_t bits = epilogue_store<T, TN>(g, row, col, acc[r]);
-    if (g.mask != nullptr) {  // a kernel argument: uniform, so every lane reaches the shuffle
-      bool owner = true;
-      if constexpr (TN == 4) {
-        bits |= __shfl_xor_sync(0xffffffffu, bits, 1) << 4;  // meaningful on the even lane only
-        owner = (tx & 1) == 0;
+    for (int r = 0; r < TM; ++r) {
+      const int64_t row = row0 + ty * TM + r;
+      const int64_t col = col0 + tx * TN;
+      if (row >= g.rows) continue;
+#pragma unroll
+      for (int c = 0; c < TN; ++c)
+        if (col + c < g.cols) ws[row * g.cols + col + c] = acc[r][c];
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < TM; ++r) {
+      const int64_t row = row0 + ty * TM + r;
+      const int64_t col = col0 + tx * TN;
+      uint32_t bits = epilogue_store<T, TN>(g, row, col, acc[r]);
+      if (g.mask != nullptr) {  // a kernel argument: uniform, so every lane reaches the shuffle
+        bool owner = true;
+        if constexpr (TN == 4) {
+          bits |= __shfl_xor_sync(0xffffffffu, bits, 1) << 4;  // meaningful on the even lane only
+          owner = (tx & 1) == 0;
+        }
+        // col % 8 == 0 on the owner; out-of-range columns contributed 0 bits.
+        if (owner && row < g.rows && col < g.cols) g.mask[row * g.ldm + col / 8] = uint8_t(bits);
       }
-      // col % 8 == 0 on the owner; out-of-range columns contributed 0 bits.
-      if (owner && row < g.rows && col < g.cols) g.mask[row * g.ldm + col / 8] = uint8_t(bits);
     }
   }
+}
+
+// Split-K second pass: one thread per (row, 8 columns) adds the `splits` slices of the workspace in
+// order, then applies the epilogue and stores the whole mask byte.
+template <typename T>
+__global__ void splitk_reduce_kernel(const GemmArgs<T> g, int splits) {
+  using Acc = acc_t<T>;
+  const int64_t groups = (g.cols + 7) / 8;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= g.rows * groups) return;
+  const int64_t row = idx / groups, col = (idx % groups) * 8;
+  const Acc* ws = static_cast<const Acc*>(g.workspace) + row * g.cols + col;
+  const int64_t slice = g.rows * g.cols;
+  Acc v[8];
+#pragma unroll
+  for (int c = 0; c < 8; ++c) v[c] = Acc(0);
+  for (int s = 0; s < splits; ++s) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+      if (col + c < g.cols) v[c] += ws[s * slice + c];
+  }
+  const uint32_t bits = epilogue_store<T, 8>(g, row, col, v);
+  if (g.mask != nullptr) g.mask[row * g.ldm + col / 8] = uint8_t(bits);
 }
 
 }  // namespace fastmlp::cuda

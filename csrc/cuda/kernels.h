@@ -35,6 +35,11 @@ struct GemmArgs {
   bool relu = false;
   uint8_t* mask = nullptr;  // required when relu is set
   int64_t ldm = 0;
+  // Split-K scratch for gemm_simt (gemm_simt_workspace() accumulators, fp32/fp64): when the output
+  // has too few tiles to fill the GPU, slices of `inner` are summed into it by separate blocks and
+  // a second kernel adds the slices in order and applies the epilogue. Null: no split.
+  void* workspace = nullptr;
+  int64_t split_len = 0;  // set by the launcher
 };
 
 // The three GEMMs of the ops, for row-major contiguous x (M, K), w (N, K), dz (M, N):
@@ -74,9 +79,12 @@ GemmArgs<T> grad_weight_gemm(int64_t M, int64_t N, int64_t K, const T* dz, const
   return g;
 }
 
-// FP32/FP64 CUDA-core GEMM: exact FMA chains, one fixed summation order per element.
+// FP32/FP64 CUDA-core GEMM: FMA chains in a fixed summation order per element (split-K: one chain
+// per slice of `inner`, the slices then added in order), so results are bitwise reproducible.
 void gemm_simt(const GemmArgs<float>& g, int num_sms, cudaStream_t stream);
 void gemm_simt(const GemmArgs<double>& g, int num_sms, cudaStream_t stream);
+// Accumulators g.workspace must hold for gemm_simt to split K (0: it will not split).
+int64_t gemm_simt_workspace(const GemmArgs<float>& g, int num_sms);
 
 // Tensor-core GEMM (WMMA, FP32 accumulation): float16 and bfloat16 (compute capability >= 8.0),
 // and float32 inputs rounded to TF32 (only used when the caller allows TF32).

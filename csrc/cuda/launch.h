@@ -71,8 +71,18 @@ inline void gemm(const GemmArgs<T>& g, const Launch& l) {
   if constexpr (std::is_same_v<T, double>) {
     gemm_simt(g, l.num_sms, l.stream);
   } else if constexpr (std::is_same_v<T, float>) {
-    if (l.tf32) gemm_tensor_core(g, l.num_sms, l.stream);
-    else gemm_simt(g, l.num_sms, l.stream);
+    if (l.tf32) {
+      gemm_tensor_core(g, l.num_sms, l.stream);
+    } else if (const int64_t ws = gemm_simt_workspace(g, l.num_sms); ws > 0) {
+      // Freed when this returns: the caching allocator reuses it only for later work on this stream.
+      const at::Tensor scratch =
+          at::empty({ws}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device()));
+      GemmArgs<T> split = g;
+      split.workspace = scratch.data_ptr();
+      gemm_simt(split, l.num_sms, l.stream);
+    } else {
+      gemm_simt(g, l.num_sms, l.stream);
+    }
   } else {
     gemm_tensor_core(g, l.num_sms, l.stream);
   }

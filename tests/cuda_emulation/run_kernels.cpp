@@ -142,7 +142,8 @@ GemmArgs<T> make_args(const Problem<T>& p, Layout l, T* out, uint8_t* mask) {
 }
 
 // Kernel variants: which template flags, and whether they are what the launcher picks.
-enum class Flags { Launcher, Generic };
+// Split: the launcher's flags with K split in 3 slices, then the split-K reduction (CUDA-core only).
+enum class Flags { Launcher, Generic, Split };
 
 template <class T, class Tile, bool TC>
 void launch_gemm(const GemmArgs<T>& g, Flags flags, emu::Order order) {
@@ -152,6 +153,25 @@ void launch_gemm(const GemmArgs<T>& g, Flags flags, emu::Order order) {
   const bool a_kc = flags == Flags::Launcher && g.a_cs == 1;
   const bool b_kc = flags == Flags::Launcher && g.b_rs == 1;
   auto run = [&](auto kernel) { emu::launch(grid, block, [&] { kernel(g); }, order, 7); };
+  if constexpr (!TC) {
+    if (flags == Flags::Split) {
+      GemmArgs<T> s = g;
+      const int splits = 3;
+      s.split_len = std::max<int64_t>(8, div_up(div_up(g.inner, splits), 8) * 8);
+      const int used = int(std::max<int64_t>(1, div_up(g.inner, s.split_len)));
+      std::vector<acc_t<T>> ws(size_t(used * g.rows * g.cols), acc_t<T>(-7));  // every slot is written
+      s.workspace = ws.data();
+      const bool akc = g.a_cs == 1, bkc = g.b_rs == 1;
+      const dim3 sgrid(grid.x, grid.y, unsigned(used));
+      auto srun = [&](auto kernel) { emu::launch(sgrid, block, [&] { kernel(s); }, order, 7); };
+      if (akc && bkc) srun(gemm_simt_kernel<T, Tile, true, true, true>);
+      else if (akc) srun(gemm_simt_kernel<T, Tile, true, false, true>);
+      else srun(gemm_simt_kernel<T, Tile, false, false, true>);
+      const int64_t threads = g.rows * div_up(g.cols, 8);
+      emu::launch(dim3(unsigned(div_up(threads, 64))), dim3(64), [&] { splitk_reduce_kernel<T>(s, used); }, order, 7);
+      return;
+    }
+  }
   if constexpr (TC) {
     if (a_kc && b_kc) run(gemm_tc_kernel<T, Tile, true, true>);
     else if (a_kc) run(gemm_tc_kernel<T, Tile, true, false>);
@@ -202,7 +222,8 @@ void check_gemm(const char* config, int64_t M, int64_t N, int64_t K, Layout l, F
   char what[256];
   std::snprintf(what, sizeof what, "gemm %s %s M=%lld N=%lld K=%lld %s %s order=%d: %zu bad values%s, %zu bad mask bytes",
                 type_name<T>(), config, (long long)M, (long long)N, (long long)K, layout_name(l),
-                flags == Flags::Launcher ? "launcher-flags" : "generic-flags", int(order), bad,
+                flags == Flags::Launcher ? "launcher-flags" : flags == Flags::Split ? "split-k" : "generic-flags",
+                int(order), bad,
                 bad ? (" (first at " + std::to_string(first) + ": got " + std::to_string(to_double(out[first])) +
                        " want " + std::to_string(to_double(want[first])) + ")")
                           .c_str()
@@ -226,6 +247,7 @@ void gemm_suite(const char* config, int bk, bool quick, std::mt19937& rng) {
       if (l == Layout::GradInput) std::swap(N, K);              // rows M, cols K = s[1], inner N = s[2]
       if (l == Layout::GradWeight) M = s[2], N = s[0], K = s[1];  // rows N, cols K, inner M
       check_gemm<T, Tile, TC>(config, M, N, K, l, Flags::Launcher, emu::Order::Forward, rng);
+      if constexpr (!TC) check_gemm<T, Tile, TC>(config, M, N, K, l, Flags::Split, emu::Order::Random, rng);
       if (!quick) {
         check_gemm<T, Tile, TC>(config, M, N, K, l, Flags::Launcher, emu::Order::Reverse, rng);
         check_gemm<T, Tile, TC>(config, M, N, K, l, Flags::Generic, emu::Order::Random, rng);
