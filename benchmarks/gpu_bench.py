@@ -96,8 +96,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--batch-ms", type=float, default=20.0)
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated subset of {','.join(DTYPES)}")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
+    dtypes = {name: DTYPES[name] for name in args.dtypes.split(",")}
 
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA GPU", file=sys.stderr)
@@ -106,10 +108,11 @@ def main():
         print(f"gpu_bench: the CUDA kernels are not active: {fastmlp.backend_info()}", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
-    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  fastmlp {fastmlp.backend_info()}")
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  fastmlp {fastmlp.backend_info()}"
+          f"  FASTMLP_CUDA_SPLITK={os.environ.get('FASTMLP_CUDA_SPLITK', '0')}")
 
     rows = []
-    for dname, dtype in DTYPES.items():
+    for dname, dtype in dtypes.items():
         for m, k, n in CASES:
             rows.append(_bench_case(m, k, n, dtype, args.reps, args.batch_ms))
             torch.cuda.empty_cache()

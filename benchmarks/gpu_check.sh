@@ -10,6 +10,8 @@
 # 3. runs benchmarks/gpu_bench.py (fused layer vs F.linear + relu on cuBLAS) and
 #    benchmarks/gpu_step_bench.py (whole training step vs eager torch and torch.compile), printing
 #    their tables. FASTMLP_DATA=DIR (holding MNIST/raw/*.gz) makes the epoch timing use real MNIST.
+# The experimental split-K FP32 GEMM (FASTMLP_CUDA_SPLITK=1, off by default) gets its own test group
+# and float32 / training-step benchmark runs, next to the default path's.
 # Every step has a time limit so that the whole script ends within 8 minutes. Logs go to $OUT (if
 # set) or to ./gpu_check_logs. Exit status: 0 only if the build and all tests passed.
 #
@@ -81,35 +83,31 @@ run_tests layers 120 "$T/test_cuda.py" -k "not step and not graph and not traine
 run_tests step 90 "$T/test_cuda.py" -k "(step or graph or trainer) and not errors"
 run_tests errors 60 "$T/test_cuda.py" -k "errors"
 # The CUDA cases of the rest of the suite (parity, autograd, modules, whole step) on the same kernels.
+# The experimental split-K FP32 GEMM (off by default): the same tests with it on.
+FASTMLP_CUDA_SPLITK=1 run_tests splitk 150 "$T/test_cuda.py" -k "not errors"
 run_tests other 90 "$T/test_parity.py" "$T/test_autograd.py" "$T/test_modules.py" "$T/test_sgd_step.py" \
   "$T/test_errors.py" -k cuda
 
 # ---- 3. benchmarks ------------------------------------------------------------------------------
-# Layer benchmark first (quick), then the training-step benchmark, each with what time is left.
-LEFT=$(( 380 - $(elapsed) )); [ $LEFT -gt 90 ] && LEFT=90
-if [ $LEFT -gt 20 ]; then
-  say "layer benchmark (limit ${LEFT}s)"
-  FASTMLP_CUDA_KERNELS=1 timeout $LEFT "$PY" "$ROOT/benchmarks/gpu_bench.py" --reps 9 --batch-ms 10 \
-    --json "$LOGS/bench.json" > "$LOGS/bench.txt" 2>&1
-  BENCH_RC=$?
-  cat "$LOGS/bench.txt"
-  [ $BENCH_RC -eq 0 ] || say "layer benchmark FAILED or timed out (rc=$BENCH_RC, see bench.txt)"
-else
-  say "no time left for the layer benchmark"
-fi
-LEFT=$(( 440 - $(elapsed) ))
-if [ $LEFT -gt 30 ]; then
-  DATA_ARG=()
-  [ -n "${FASTMLP_DATA:-}" ] && DATA_ARG=(--data "$FASTMLP_DATA")
-  say "training-step benchmark (limit ${LEFT}s)"
-  FASTMLP_CUDA_KERNELS=1 timeout $LEFT "$PY" "$ROOT/benchmarks/gpu_step_bench.py" "${DATA_ARG[@]}" \
-    --steps 200 --reps 5 --json "$LOGS/step_bench.json" > "$LOGS/step_bench.txt" 2>&1
-  STEP_RC=$?
-  cat "$LOGS/step_bench.txt"
-  [ $STEP_RC -eq 0 ] || say "training-step benchmark FAILED or timed out (rc=$STEP_RC, see step_bench.txt)"
-else
-  say "no time left for the training-step benchmark"
-fi
+# Each with a cap and what time is left, so that the script ends within about 8 minutes. The
+# experimental split-K FP32 GEMM is measured right after its default counterpart.
+DATA_ARG=()
+[ -n "${FASTMLP_DATA:-}" ] && DATA_ARG=(--data "$FASTMLP_DATA")
+bench() {  # name, cap seconds, deadline (seconds since start), command...
+  local name=$1 cap=$2 deadline=$3; shift 3
+  local left=$(( deadline - $(elapsed) )); [ $left -gt $cap ] && left=$cap
+  if [ $left -lt 15 ]; then say "no time left for $name"; return; fi
+  say "$name (limit ${left}s)"
+  FASTMLP_CUDA_KERNELS=1 timeout $left "$PY" "$@" > "$LOGS/$name.txt" 2>&1 || say "$name FAILED or timed out (see $name.txt)"
+  tail -20 "$LOGS/$name.txt"
+}
+bench bench 90 330 "$ROOT/benchmarks/gpu_bench.py" --reps 9 --batch-ms 10 --json "$LOGS/bench.json"
+FASTMLP_CUDA_SPLITK=1 bench bench_splitk 45 350 "$ROOT/benchmarks/gpu_bench.py" --reps 9 --batch-ms 10 --dtypes fp32 \
+  --json "$LOGS/bench_splitk.json"
+bench step_bench 150 440 "$ROOT/benchmarks/gpu_step_bench.py" "${DATA_ARG[@]}" --steps 200 --reps 5 \
+  --json "$LOGS/step_bench.json"
+FASTMLP_CUDA_SPLITK=1 bench step_bench_splitk 60 480 "$ROOT/benchmarks/gpu_step_bench.py" "${DATA_ARG[@]}" \
+  --no-compile --steps 200 --reps 5 --json "$LOGS/step_bench_splitk.json"
 
 say "done: tests rc=$TEST_RC"
 exit $TEST_RC

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdlib>
 #include <mutex>
 #include <type_traits>
 
@@ -66,6 +67,17 @@ inline Launch launch_config(at::ScalarType dtype) {
   return l;  // float16 / bfloat16 on a GPU without tensor cores were refused by ops_cuda.cpp
 }
 
+// Split-K for FP32 GEMMs whose output has too few tiles for the GPU (gemm_simt.cu). Experimental:
+// checked bit for bit on the CPU emulator but not yet run on a GPU, so it is off unless
+// FASTMLP_CUDA_SPLITK=1 is set when the first GEMM runs.
+inline bool split_k_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("FASTMLP_CUDA_SPLITK");
+    return v != nullptr && v[0] == '1' && v[1] == '\0';
+  }();
+  return on;
+}
+
 template <typename T>
 inline void gemm(const GemmArgs<T>& g, const Launch& l) {
   if constexpr (std::is_same_v<T, double>) {
@@ -73,7 +85,7 @@ inline void gemm(const GemmArgs<T>& g, const Launch& l) {
   } else if constexpr (std::is_same_v<T, float>) {
     if (l.tf32) {
       gemm_tensor_core(g, l.num_sms, l.stream);
-    } else if (const int64_t ws = gemm_simt_workspace(g, l.num_sms); ws > 0) {
+    } else if (const int64_t ws = split_k_enabled() ? gemm_simt_workspace(g, l.num_sms) : 0; ws > 0) {
       // Freed when this returns: the caching allocator reuses it only for later work on this stream.
       const at::Tensor scratch =
           at::empty({ws}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device()));
