@@ -231,9 +231,12 @@ struct GemmImpl {
     // L1 beside the B panel during the column sweep instead of evicting it: a 192 x 64 float block
     // cost dW at batch 64 a quarter of its speed. Deep blocks keep MC rows (L2 blocking), or B
     // would be streamed from memory once per few rows.
-    const int64_t mc = pack_a_block && kstep <= 128
-                           ? imin(MC, imax(MR, 16384 / (kstep * int64_t(sizeof(T))) / MR * MR))
-                           : MC;
+    int64_t mc = MC;
+    if (pack_a_block && kstep <= 128) {  // equal blocks under the cap, not 60 + 60 + 8 rows
+      const int64_t cap = imin(MC, imax(MR, 16384 / (kstep * int64_t(sizeof(T))) / MR * MR));
+      const int64_t nb = (r1 - r0 + cap - 1) / cap;
+      mc = ((r1 - r0 + nb - 1) / nb + MR - 1) / MR * MR;
+    }
     for (int64_t m0 = r0; m0 < r1; m0 += mc) {
       const int64_t m1 = imin(r1, m0 + mc);
       for (int64_t pc = 0; pc < inner || (pc == 0 && inner == 0); pc += kstep) {
