@@ -14,11 +14,10 @@ void run(int64_t rows, int64_t cols, const T* gy, const uint8_t* mask, int64_t l
          acc_t<T>* partial, cudaStream_t stream) {
   const BiasGradPlan plan = bias_grad_plan(rows, cols, dz != nullptr, gb != nullptr);
   TORCH_CHECK(!plan.finish || plan.parts == 0 || partial != nullptr,
-              "fastmlp: drelu_bias_grad needs a workspace of ", plan.parts, " x ", cols, " sums");
+              "fastmlp: drelu_bias_grad needs a workspace for its partial sums");
   if (plan.pass1) {
     const int64_t gx = div_up(cols, kCols);
-    TORCH_CHECK(gx <= 0x7fffffff && plan.parts <= 65535, "fastmlp: drelu_bias_grad: ", rows, " x ", cols,
-                " is too large for one launch");
+    TORCH_CHECK(gx <= 0x7fffffff && plan.parts <= 65535, "fastmlp: drelu_bias_grad: too large for one launch");
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(plan.parts)), block(kCols, kRowLanes);
     drelu_colsum_kernel<T><<<grid, block, 0, stream>>>(rows, cols, plan.chunk, gy, mask, ldm, dz,
                                                        plan.direct ? gb : nullptr,
@@ -27,7 +26,7 @@ void run(int64_t rows, int64_t cols, const T* gy, const uint8_t* mask, int64_t l
   }
   if (plan.finish) {  // parts == 0 (no rows): gb = 0
     const int64_t blocks = div_up(cols, 256);
-    TORCH_CHECK(blocks <= 0x7fffffff, "fastmlp: drelu_bias_grad: too many columns (", cols, ")");
+    TORCH_CHECK(blocks <= 0x7fffffff, "fastmlp: drelu_bias_grad: too many columns");
     bias_grad_finish_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(plan.parts, cols, partial, gb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

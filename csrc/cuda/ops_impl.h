@@ -4,7 +4,8 @@
 // Validation lives on the host-compiler side on purpose: on the H200 test machine (torch 2.11,
 // nvcc 13.0) failing TORCH_CHECKs in an nvcc-compiled translation unit that formatted shapes
 // crashed the process instead of raising (ones formatting only dtypes raised normally), so argument
-// errors are never raised from a .cu file.
+// errors are never raised from a .cu file, and the few launch-size checks left there (shapes beyond
+// a grid's limits) format no numbers.
 #pragma once
 
 #include <ATen/ATen.h>
