@@ -30,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fastmlp  # noqa: E402
 import fastmlp.data  # noqa: E402
+from fastmlp.bench import eager_step  # noqa: E402
 
 MODELS = {"mnist 784-128-64-10": [784, 128, 64, 10], "fashion 784-256-10": [784, 256, 10]}
 BATCH = 64
@@ -46,19 +47,6 @@ def _fused(sizes, state):
     m = fastmlp.FusedMLP(sizes, device="cuda")
     m.load_state_dict(state)
     return m
-
-
-def _eager_step(model):
-    opt = torch.optim.SGD(model.parameters(), **HYPER)
-
-    def step(x, y):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
 
 
 def _compiled_step(model):
@@ -179,10 +167,10 @@ def main():
     print(f"# data: {what}, {xs.shape[0]} samples on the GPU; batch {BATCH}; SGD {HYPER}")
 
     variants = {
-        "torch eager": lambda s, st, x0, y0: _eager_step(_plain(s, st)),
+        "torch eager": lambda s, st, x0, y0: eager_step(_plain(s, st), HYPER),
         "torch compile-ro": lambda s, st, x0, y0: _compiled_step(_plain(s, st)),
         "torch graph": lambda s, st, x0, y0: _graphed_step(_plain(s, st), x0, y0),
-        "fastmlp layers": lambda s, st, x0, y0: _eager_step(_fused(s, st)),
+        "fastmlp layers": lambda s, st, x0, y0: eager_step(_fused(s, st), HYPER),
         "fastmlp sgd_step": lambda s, st, x0, y0: _sgd_step(_fused(s, st)),
         "fastmlp graph step": lambda s, st, x0, y0: _fastmlp_graph_step(_fused(s, st), x0, y0),
     }

@@ -510,8 +510,10 @@ class LayerCase:
 # ---- training cases ------------------------------------------------------------------------------
 
 
-def _eager_step(model: nn.Module):
-    opt = torch.optim.SGD(model.parameters(), **SGD)
+def eager_step(model: nn.Module, sgd: dict | None = None):
+    """step(x, y): the ordinary training step of `model` (cross-entropy, backward, torch.optim.SGD with
+    `sgd`, default SGD), the baseline every step variant is measured against."""
+    opt = torch.optim.SGD(model.parameters(), **(SGD if sgd is None else sgd))
 
     def step(x, y):
         loss = F.cross_entropy(model(x), y)
@@ -528,7 +530,7 @@ def _step_fastmlp(sizes, state):
 
     model = fastmlp.FusedMLP(sizes)
     model.load_state_dict(state)
-    return _eager_step(model)
+    return eager_step(model)
 
 
 def _step_torch(sizes, state):
@@ -536,7 +538,7 @@ def _step_torch(sizes, state):
 
     model = fastmlp.plain_mlp(sizes)
     model.load_state_dict(state)
-    return _eager_step(model)
+    return eager_step(model)
 
 
 def _step_compile(sizes, state):

@@ -300,6 +300,7 @@ class Trainer:
         if c.dropout > 0:  # dropout masks, like the order, from (seed, epoch) alone, and per process
             torch.manual_seed(derive_seed(c.seed, self.epoch, 1, self.rank))
         self.model.train()
+        fused_step = self.graph_step or (lambda x, y: self.model.sgd_step(x, y, self.optimizer))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         _sync(self.device)
         start = time.perf_counter()
@@ -312,8 +313,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             if self.fused_step:
-                step = self.graph_step or (lambda x, y: self.model.sgd_step(x, y, self.optimizer))
-                loss = step(x, y) * n_global  # the mean loss (the graph's is overwritten next step)
+                loss = fused_step(x, y) * n_global  # the mean loss (the graph's is overwritten next step)
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(self.net(x), y, reduction="sum")

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 
+#include "checks.h"
 #include "kernels.h"
 #include "runner.h"
 
@@ -16,38 +17,8 @@ namespace {
 
 using at::Tensor;
 
-void check_float(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64 on the CPU, got ", t.scalar_type());
-}
-
-// Checks the (x, w, b) triple shared by every op; returns nothing, throws with the argument name.
-void check_linear_args(const char* op, const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (batch, in_features), got shape ", x.sizes());
-  TORCH_CHECK(w.dim() == 2, op, ": w must be 2-D (out_features, in_features), got shape ", w.sizes());
-  check_float(x, op, "x");
-  TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": w has dtype ", w.scalar_type(),
-              " but x has dtype ", x.scalar_type(), "; they must match");
-  TORCH_CHECK(w.device() == x.device(), op, ": w is on ", w.device(), " but x is on ", x.device());
-  TORCH_CHECK(x.size(1) == w.size(1), op, ": x has ", x.size(1), " features but w expects ",
-              w.size(1), " (w has shape ", w.sizes(), ")");
-  if (b.has_value()) {
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == w.size(0), op, ": b must have shape (", w.size(0),
-                ",), got ", b->sizes());
-    TORCH_CHECK(b->scalar_type() == x.scalar_type(), op, ": b has dtype ", b->scalar_type(),
-                " but x has dtype ", x.scalar_type(), "; they must match");
-    TORCH_CHECK(b->device() == x.device(), op, ": b is on ", b->device(), " but x is on ", x.device());
-  }
-}
-
-void check_grad_args(const char* op, const Tensor& gy, const Tensor& x, const Tensor& w) {
-  check_linear_args(op, x, w, std::nullopt);
-  TORCH_CHECK(gy.dim() == 2 && gy.size(0) == x.size(0) && gy.size(1) == w.size(0), op,
-              ": gy must have shape (", x.size(0), ", ", w.size(0), "), got ", gy.sizes());
-  TORCH_CHECK(gy.scalar_type() == x.scalar_type(), op, ": gy has dtype ", gy.scalar_type(),
-              " but x has dtype ", x.scalar_type(), "; they must match");
-  TORCH_CHECK(gy.device() == x.device(), op, ": gy is on ", gy.device(), " but x is on ", x.device());
-}
+constexpr DtypeRule kDtypes{[](at::ScalarType t) { return t == at::kFloat || t == at::kDouble; },
+                            "float32 or float64 on the CPU"};
 
 Tensor unused(const Tensor& like) { return at::empty({0}, like.options()); }
 
@@ -125,13 +96,13 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& gy_, const Tensor& x_,
 
 std::tuple<Tensor, Tensor> linear_relu_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
   constexpr const char* op = "fastmlp::linear_relu_fwd";
-  check_linear_args(op, x, w, b);
+  check_linear_args(op, x, w, b, kDtypes);
   return FASTMLP_DISPATCH_FLOAT(x.scalar_type(), op, [&] { return forward<scalar_t>(x, w, b, true); });
 }
 
 Tensor linear_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
   constexpr const char* op = "fastmlp::linear_fwd";
-  check_linear_args(op, x, w, b);
+  check_linear_args(op, x, w, b, kDtypes);
   return FASTMLP_DISPATCH_FLOAT(x.scalar_type(), op,
                                 [&] { return std::get<0>(forward<scalar_t>(x, w, b, false)); });
 }
@@ -139,11 +110,8 @@ Tensor linear_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>&
 std::tuple<Tensor, Tensor, Tensor> linear_relu_bwd(const Tensor& gy, const Tensor& x, const Tensor& w,
                                                    const Tensor& mask, std::array<bool, 3> needs) {
   constexpr const char* op = "fastmlp::linear_relu_bwd";
-  check_grad_args(op, gy, x, w);
-  TORCH_CHECK(mask.scalar_type() == at::kByte, op, ": mask must be uint8, got ", mask.scalar_type());
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == x.size(0) && mask.size(1) == div_up(w.size(0), 8), op,
-              ": mask must have shape (", x.size(0), ", ", div_up(w.size(0), 8), "), got ", mask.sizes());
-  TORCH_CHECK(mask.device() == x.device(), op, ": mask is on ", mask.device(), " but x is on ", x.device());
+  check_grad_args(op, gy, x, w, kDtypes);
+  check_mask(op, mask, x, w);
   const Tensor m = mask.contiguous();
   return FASTMLP_DISPATCH_FLOAT(x.scalar_type(), op, [&] { return backward<scalar_t>(gy, x, w, &m, needs); });
 }
@@ -151,7 +119,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_bwd(const Tensor& gy, const Tenso
 std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& gy, const Tensor& x, const Tensor& w,
                                               std::array<bool, 3> needs) {
   constexpr const char* op = "fastmlp::linear_bwd";
-  check_grad_args(op, gy, x, w);
+  check_grad_args(op, gy, x, w, kDtypes);
   return FASTMLP_DISPATCH_FLOAT(x.scalar_type(), op, [&] { return backward<scalar_t>(gy, x, w, nullptr, needs); });
 }
 

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <vector>
 
+#include "checks.h"
 #include "kernels.h"
 #include "runner.h"
 
@@ -22,46 +23,6 @@ namespace {
 using at::Tensor;
 
 constexpr const char* kOp = "fastmlp::mlp_sgd_step";
-
-void check_step_args(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
-                     at::TensorList wbufs, at::TensorList bbufs, double momentum) {
-  TORCH_CHECK(!weights.empty(), kOp, ": weights must not be empty");
-  TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D (batch, in_features), got shape ", x.sizes());
-  TORCH_CHECK(x.size(0) > 0, kOp, ": x must hold at least one sample");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, kOp,
-              ": x must be float32 or float64 on the CPU, got ", x.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), kOp, ": target must have shape (",
-              x.size(0), ",), got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, kOp, ": target must be int64 class indices, got ",
-              target.scalar_type());
-  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), kOp, ": biases must be empty or one per layer (",
-              weights.size(), "), got ", biases.size());
-  const bool with_momentum = momentum != 0.0;
-  TORCH_CHECK(!with_momentum || wbufs.size() == weights.size(), kOp,
-              ": weight_bufs must hold one momentum buffer per weight when momentum != 0");
-  TORCH_CHECK(!with_momentum || bbufs.size() == biases.size(), kOp,
-              ": bias_bufs must hold one momentum buffer per bias when momentum != 0");
-  int64_t fan_in = x.size(1);
-  for (size_t l = 0; l < weights.size(); ++l) {
-    const Tensor& w = weights[l];
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == fan_in, kOp, ": weights[", l, "] must have shape (*, ", fan_in,
-                "), got ", w.sizes());
-    TORCH_CHECK(w.size(0) > 0, kOp, ": weights[", l, "] must have at least one output feature");
-    TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), kOp, ": weights[", l,
-                "] must match x's dtype and device");
-    TORCH_CHECK(w.is_contiguous(), kOp, ": weights[", l, "] must be contiguous (it is updated in place)");
-    auto check_like = [&](const Tensor& t, const char* what, at::IntArrayRef shape) {
-      TORCH_CHECK(t.sizes() == shape && t.scalar_type() == x.scalar_type() && t.device() == x.device() &&
-                      t.is_contiguous(),
-                  kOp, ": ", what, "[", l, "] must be a contiguous ", x.scalar_type(), " tensor of shape ",
-                  shape, ", got ", t.scalar_type(), " ", t.sizes());
-    };
-    if (!biases.empty()) check_like(biases[l], "biases", {w.size(0)});
-    if (with_momentum) check_like(wbufs[l], "weight_bufs", w.sizes());
-    if (with_momentum && !biases.empty()) check_like(bbufs[l], "bias_bufs", {w.size(0)});
-    fan_in = w.size(0);
-  }
-}
 
 // Mean softmax cross-entropy of logits (M x C); writes its gradient to dz. Returns the loss.
 template <typename T>
@@ -174,14 +135,8 @@ Tensor step(const Tensor& x_, const Tensor& target_, at::TensorList weights, at:
 Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
                     at::TensorList wbufs, at::TensorList bbufs, double lr, double momentum, double weight_decay,
                     const std::optional<Tensor>& lr_scale) {
-  check_step_args(x, target, weights, biases, wbufs, bbufs, momentum);
-  if (lr_scale.has_value()) {
-    TORCH_CHECK(lr_scale->numel() == 1 && lr_scale->scalar_type() == x.scalar_type() &&
-                    lr_scale->device() == x.device(),
-                kOp, ": lr_scale must be a one-element ", x.scalar_type(), " tensor on ", x.device(), ", got ",
-                lr_scale->scalar_type(), " of shape ", lr_scale->sizes(), " on ", lr_scale->device());
-    lr *= lr_scale->item<double>();
-  }
+  check_step_args(kOp, x, target, weights, biases, wbufs, bbufs, momentum, lr_scale);
+  if (lr_scale.has_value()) lr *= lr_scale->item<double>();
   if (x.scalar_type() == at::kDouble)
     return step<double>(x, target, weights, biases, wbufs, bbufs, lr, momentum, weight_decay);
   return step<float>(x, target, weights, biases, wbufs, bbufs, float(lr), float(momentum), float(weight_decay));

@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 
+#include "checks.h"
 #include "ops_impl.h"
 
 namespace fastmlp::cuda {
@@ -20,44 +21,16 @@ namespace {
 
 using at::Tensor;
 
-int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// float16 and bfloat16 run on tensor cores (check_tensor_cores).
+constexpr DtypeRule kDtypes{[](at::ScalarType t) {
+                              return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+                            },
+                            "float32, float64, float16 or bfloat16 on CUDA"};
 
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_float(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": ", name,
-              " must be float32, float64, float16 or bfloat16 on CUDA, got ", t.scalar_type());
-}
-
-// Checks the (x, w, b) triple shared by every op; returns nothing, throws with the argument name.
-void check_linear_args(const char* op, const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+// The shared checks (csrc/checks.h), after making sure x is a CUDA tensor: the others are then
+// checked to be on x's device.
+void check_cuda(const char* op, const Tensor& x) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor here, got one on ", x.device());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (batch, in_features), got shape ", x.sizes());
-  TORCH_CHECK(w.dim() == 2, op, ": w must be 2-D (out_features, in_features), got shape ", w.sizes());
-  check_float(x, op, "x");
-  TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": w has dtype ", w.scalar_type(),
-              " but x has dtype ", x.scalar_type(), "; they must match");
-  TORCH_CHECK(w.device() == x.device(), op, ": w is on ", w.device(), " but x is on ", x.device());
-  TORCH_CHECK(x.size(1) == w.size(1), op, ": x has ", x.size(1), " features but w expects ",
-              w.size(1), " (w has shape ", w.sizes(), ")");
-  if (b.has_value()) {
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == w.size(0), op, ": b must have shape (", w.size(0),
-                ",), got ", b->sizes());
-    TORCH_CHECK(b->scalar_type() == x.scalar_type(), op, ": b has dtype ", b->scalar_type(),
-                " but x has dtype ", x.scalar_type(), "; they must match");
-    TORCH_CHECK(b->device() == x.device(), op, ": b is on ", b->device(), " but x is on ", x.device());
-  }
-}
-
-void check_grad_args(const char* op, const Tensor& gy, const Tensor& x, const Tensor& w) {
-  check_linear_args(op, x, w, std::nullopt);
-  TORCH_CHECK(gy.dim() == 2 && gy.size(0) == x.size(0) && gy.size(1) == w.size(0), op,
-              ": gy must have shape (", x.size(0), ", ", w.size(0), "), got ", gy.sizes());
-  TORCH_CHECK(gy.scalar_type() == x.scalar_type(), op, ": gy has dtype ", gy.scalar_type(),
-              " but x has dtype ", x.scalar_type(), "; they must match");
-  TORCH_CHECK(gy.device() == x.device(), op, ": gy is on ", gy.device(), " but x is on ", x.device());
 }
 
 // float16 / bfloat16 run on tensor cores (sm_80+).
@@ -72,67 +45,18 @@ void check_tensor_cores(const char* op, const Tensor& x) {
               "capability 8.0 or newer; ", x.device(), " is ", major, ".", minor);
 }
 
-void check_mask(const char* op, const Tensor& mask, const Tensor& x, const Tensor& w) {
-  TORCH_CHECK(mask.scalar_type() == at::kByte, op, ": mask must be uint8, got ", mask.scalar_type());
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == x.size(0) && mask.size(1) == div_up(w.size(0), 8), op,
-              ": mask must have shape (", x.size(0), ", ", div_up(w.size(0), 8), "), got ", mask.sizes());
-  TORCH_CHECK(mask.device() == x.device(), op, ": mask is on ", mask.device(), " but x is on ", x.device());
-}
-
-constexpr const char* kStepOp = "fastmlp::mlp_sgd_step";
-
-void check_step_args(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
-                     at::TensorList wbufs, at::TensorList bbufs, double momentum) {
-  TORCH_CHECK(!weights.empty(), kStepOp, ": weights must not be empty");
-  TORCH_CHECK(x.is_cuda(), kStepOp, ": x must be a CUDA tensor here, got one on ", x.device());
-  TORCH_CHECK(x.dim() == 2, kStepOp, ": x must be 2-D (batch, in_features), got shape ", x.sizes());
-  TORCH_CHECK(x.size(0) > 0, kStepOp, ": x must hold at least one sample");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, kStepOp,
-              ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), kStepOp, ": target must have shape (", x.size(0),
-              ",), got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, kStepOp, ": target must be int64 class indices, got ",
-              target.scalar_type());
-  TORCH_CHECK(target.device() == x.device(), kStepOp, ": target is on ", target.device(), " but x is on ", x.device());
-  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), kStepOp, ": biases must be empty or one per layer (",
-              weights.size(), "), got ", biases.size());
-  const bool with_momentum = momentum != 0.0;
-  TORCH_CHECK(!with_momentum || wbufs.size() == weights.size(), kStepOp,
-              ": weight_bufs must hold one momentum buffer per weight when momentum != 0");
-  TORCH_CHECK(!with_momentum || bbufs.size() == biases.size(), kStepOp,
-              ": bias_bufs must hold one momentum buffer per bias when momentum != 0");
-  int64_t fan_in = x.size(1);
-  for (size_t l = 0; l < weights.size(); ++l) {
-    const Tensor& w = weights[l];
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == fan_in, kStepOp, ": weights[", l, "] must have shape (*, ", fan_in,
-                "), got ", w.sizes());
-    TORCH_CHECK(w.size(0) > 0, kStepOp, ": weights[", l, "] must have at least one output feature");
-    TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), kStepOp, ": weights[", l,
-                "] must match x's dtype and device");
-    TORCH_CHECK(w.is_contiguous(), kStepOp, ": weights[", l, "] must be contiguous (it is updated in place)");
-    auto check_like = [&](const Tensor& t, const char* what, at::IntArrayRef shape) {
-      TORCH_CHECK(t.sizes() == shape && t.scalar_type() == x.scalar_type() && t.device() == x.device() &&
-                      t.is_contiguous(),
-                  kStepOp, ": ", what, "[", l, "] must be a contiguous ", x.scalar_type(), " tensor of shape ",
-                  shape, " on ", x.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
-    };
-    if (!biases.empty()) check_like(biases[l], "biases", {w.size(0)});
-    if (with_momentum) check_like(wbufs[l], "weight_bufs", w.sizes());
-    if (with_momentum && !biases.empty()) check_like(bbufs[l], "bias_bufs", {w.size(0)});
-    fan_in = w.size(0);
-  }
-}
-
 std::tuple<Tensor, Tensor> linear_relu_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
   constexpr const char* op = "fastmlp::linear_relu_fwd";
-  check_linear_args(op, x, w, b);
+  check_cuda(op, x);
+  check_linear_args(op, x, w, b, kDtypes);
   check_tensor_cores(op, x);
   return linear_fwd_impl(x, w, b, true);
 }
 
 Tensor linear_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
   constexpr const char* op = "fastmlp::linear_fwd";
-  check_linear_args(op, x, w, b);
+  check_cuda(op, x);
+  check_linear_args(op, x, w, b, kDtypes);
   check_tensor_cores(op, x);
   return std::get<0>(linear_fwd_impl(x, w, b, false));
 }
@@ -140,7 +64,8 @@ Tensor linear_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>&
 std::tuple<Tensor, Tensor, Tensor> linear_relu_bwd(const Tensor& gy, const Tensor& x, const Tensor& w,
                                                    const Tensor& mask, std::array<bool, 3> needs) {
   constexpr const char* op = "fastmlp::linear_relu_bwd";
-  check_grad_args(op, gy, x, w);
+  check_cuda(op, x);
+  check_grad_args(op, gy, x, w, kDtypes);
   check_mask(op, mask, x, w);
   check_tensor_cores(op, x);
   return linear_bwd_impl(gy, x, w, mask, needs);
@@ -149,7 +74,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_bwd(const Tensor& gy, const Tenso
 std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& gy, const Tensor& x, const Tensor& w,
                                               std::array<bool, 3> needs) {
   constexpr const char* op = "fastmlp::linear_bwd";
-  check_grad_args(op, gy, x, w);
+  check_cuda(op, x);
+  check_grad_args(op, gy, x, w, kDtypes);
   check_tensor_cores(op, x);
   return linear_bwd_impl(gy, x, w, std::nullopt, needs);
 }
@@ -157,12 +83,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& gy, const Tensor& x,
 Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
                     at::TensorList wbufs, at::TensorList bbufs, double lr, double momentum, double weight_decay,
                     const std::optional<Tensor>& lr_scale) {
-  check_step_args(x, target, weights, biases, wbufs, bbufs, momentum);
-  if (lr_scale.has_value())
-    TORCH_CHECK(lr_scale->numel() == 1 && lr_scale->scalar_type() == x.scalar_type() &&
-                    lr_scale->device() == x.device(),
-                kStepOp, ": lr_scale must be a one-element ", x.scalar_type(), " tensor on ", x.device(), ", got ",
-                lr_scale->scalar_type(), " of shape ", lr_scale->sizes(), " on ", lr_scale->device());
+  constexpr const char* op = "fastmlp::mlp_sgd_step";
+  check_cuda(op, x);
+  check_step_args(op, x, target, weights, biases, wbufs, bbufs, momentum, lr_scale);
   return mlp_sgd_step_impl(x, target, weights, biases, wbufs, bbufs, lr, momentum, weight_decay,
                            lr_scale.has_value() ? lr_scale->contiguous() : Tensor());
 }

@@ -1,0 +1,96 @@
+// The argument checks of csrc/checks.h.
+#include "checks.h"
+
+namespace fastmlp {
+
+namespace {
+
+int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+using at::Tensor;
+
+void check_linear_args(const char* op, const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
+                       DtypeRule rule) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (batch, in_features), got shape ", x.sizes());
+  TORCH_CHECK(w.dim() == 2, op, ": w must be 2-D (out_features, in_features), got shape ", w.sizes());
+  TORCH_CHECK(rule.ok(x.scalar_type()), op, ": x must be ", rule.allowed, ", got ", x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": w has dtype ", w.scalar_type(),
+              " but x has dtype ", x.scalar_type(), "; they must match");
+  TORCH_CHECK(w.device() == x.device(), op, ": w is on ", w.device(), " but x is on ", x.device());
+  TORCH_CHECK(x.size(1) == w.size(1), op, ": x has ", x.size(1), " features but w expects ",
+              w.size(1), " (w has shape ", w.sizes(), ")");
+  if (b.has_value()) {
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == w.size(0), op, ": b must have shape (", w.size(0),
+                ",), got ", b->sizes());
+    TORCH_CHECK(b->scalar_type() == x.scalar_type(), op, ": b has dtype ", b->scalar_type(),
+                " but x has dtype ", x.scalar_type(), "; they must match");
+    TORCH_CHECK(b->device() == x.device(), op, ": b is on ", b->device(), " but x is on ", x.device());
+  }
+}
+
+void check_grad_args(const char* op, const Tensor& gy, const Tensor& x, const Tensor& w, DtypeRule rule) {
+  check_linear_args(op, x, w, std::nullopt, rule);
+  TORCH_CHECK(gy.dim() == 2 && gy.size(0) == x.size(0) && gy.size(1) == w.size(0), op,
+              ": gy must have shape (", x.size(0), ", ", w.size(0), "), got ", gy.sizes());
+  TORCH_CHECK(gy.scalar_type() == x.scalar_type(), op, ": gy has dtype ", gy.scalar_type(),
+              " but x has dtype ", x.scalar_type(), "; they must match");
+  TORCH_CHECK(gy.device() == x.device(), op, ": gy is on ", gy.device(), " but x is on ", x.device());
+}
+
+void check_mask(const char* op, const Tensor& mask, const Tensor& x, const Tensor& w) {
+  TORCH_CHECK(mask.scalar_type() == at::kByte, op, ": mask must be uint8, got ", mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == x.size(0) && mask.size(1) == div_up(w.size(0), 8), op,
+              ": mask must have shape (", x.size(0), ", ", div_up(w.size(0), 8), "), got ", mask.sizes());
+  TORCH_CHECK(mask.device() == x.device(), op, ": mask is on ", mask.device(), " but x is on ", x.device());
+}
+
+void check_step_args(const char* op, const Tensor& x, const Tensor& target, at::TensorList weights,
+                     at::TensorList biases, at::TensorList wbufs, at::TensorList bbufs, double momentum,
+                     const std::optional<Tensor>& lr_scale) {
+  TORCH_CHECK(!weights.empty(), op, ": weights must not be empty");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (batch, in_features), got shape ", x.sizes());
+  TORCH_CHECK(x.size(0) > 0, op, ": x must hold at least one sample");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), op, ": target must have shape (", x.size(0),
+              ",), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64 class indices, got ",
+              target.scalar_type());
+  TORCH_CHECK(target.device() == x.device(), op, ": target is on ", target.device(), " but x is on ", x.device());
+  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), op, ": biases must be empty or one per layer (",
+              weights.size(), "), got ", biases.size());
+  const bool with_momentum = momentum != 0.0;
+  TORCH_CHECK(!with_momentum || wbufs.size() == weights.size(), op,
+              ": weight_bufs must hold one momentum buffer per weight when momentum != 0");
+  TORCH_CHECK(!with_momentum || bbufs.size() == biases.size(), op,
+              ": bias_bufs must hold one momentum buffer per bias when momentum != 0");
+  int64_t fan_in = x.size(1);
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const Tensor& w = weights[l];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == fan_in, op, ": weights[", l, "] must have shape (*, ", fan_in,
+                "), got ", w.sizes());
+    TORCH_CHECK(w.size(0) > 0, op, ": weights[", l, "] must have at least one output feature");
+    TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), op, ": weights[", l,
+                "] must match x's dtype and device");
+    TORCH_CHECK(w.is_contiguous(), op, ": weights[", l, "] must be contiguous (it is updated in place)");
+    auto check_like = [&](const Tensor& t, const char* what, at::IntArrayRef shape) {
+      TORCH_CHECK(t.sizes() == shape && t.scalar_type() == x.scalar_type() && t.device() == x.device() &&
+                      t.is_contiguous(),
+                  op, ": ", what, "[", l, "] must be a contiguous ", x.scalar_type(), " tensor of shape ",
+                  shape, " on ", x.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    };
+    if (!biases.empty()) check_like(biases[l], "biases", {w.size(0)});
+    if (with_momentum) check_like(wbufs[l], "weight_bufs", w.sizes());
+    if (with_momentum && !biases.empty()) check_like(bbufs[l], "bias_bufs", {w.size(0)});
+    fan_in = w.size(0);
+  }
+  if (lr_scale.has_value())
+    TORCH_CHECK(lr_scale->numel() == 1 && lr_scale->scalar_type() == x.scalar_type() &&
+                    lr_scale->device() == x.device(),
+                op, ": lr_scale must be a one-element ", x.scalar_type(), " tensor on ", x.device(), ", got ",
+                lr_scale->scalar_type(), " of shape ", lr_scale->sizes(), " on ", lr_scale->device());
+}
+
+}  // namespace fastmlp
