@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fastmlp
-from _helpers import DEVICES
+from _helpers import DEVICES, cpu_isas
 
 
 def _twins(sizes, dtype, device, bias=True, **sgd):
@@ -47,6 +47,28 @@ def test_sgd_step_matches_autograd_and_torch_sgd(device, dtype, sizes, sgd, batc
             torch.testing.assert_close(fopt.state[a]["momentum_buffer"], popt.state[b]["momentum_buffer"], **tol)
 
 
+@pytest.mark.parametrize("isa", [i for i in cpu_isas() if i != "fallback"] or ["fallback"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [5, 300])
+def test_sgd_step_every_cpu_isa(isa, dtype, batch):
+    """Each instruction set's kernels, with a batch summed in one K block (the update applied strip
+    by strip) and one longer than any K block (the gradient parked between blocks)."""
+    if isa == "fallback":
+        pytest.skip("no compiled CPU kernels")
+    fastmlp.set_cpu_isa(isa)
+    try:
+        (fused, fopt), (plain, popt) = _twins([70, 37, 10], dtype, "cpu", lr=0.05, momentum=0.9, weight_decay=1e-3)
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-6)
+        for _ in range(3):
+            x, y = torch.randn(batch, 70, dtype=dtype), torch.randint(0, 10, (batch,))
+            torch.testing.assert_close(fused.sgd_step(x, y, fopt), _plain_step(plain, popt, x, y), **tol)
+        for a, b in zip(fused.parameters(), plain.parameters()):
+            torch.testing.assert_close(a, b, **tol)
+            torch.testing.assert_close(fopt.state[a]["momentum_buffer"], popt.state[b]["momentum_buffer"], **tol)
+    finally:
+        fastmlp.set_cpu_isa("auto")
+
+
 def test_sgd_step_without_bias():
     (fused, fopt), (plain, popt) = _twins([20, 8, 4], torch.float32, "cpu", bias=False, lr=0.1, momentum=0.9)
     x, y = torch.randn(16, 20), torch.randint(0, 4, (16,))
@@ -66,6 +88,34 @@ def test_sgd_step_mixes_with_ordinary_steps():
         _plain_step(plain, popt, x, y)
     for a, b in zip(fused.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_sgd_step_follows_changes_to_optimizer_and_model():
+    """The per-step validation is cached; every change it guards against must still be seen."""
+    (fused, fopt), (plain, popt) = _twins([12, 6, 3], torch.float32, "cpu", lr=0.1, momentum=0.9)
+    x, y = torch.randn(10, 12), torch.randint(0, 3, (10,))
+    for change in [None, ("momentum", 0.5), ("weight_decay", 1e-2), ("lr", 0.05), ("momentum", 0.0)]:
+        if change:
+            fopt.param_groups[0][change[0]] = popt.param_groups[0][change[0]] = change[1]
+        torch.testing.assert_close(fused.sgd_step(x, y, fopt), _plain_step(plain, popt, x, y))
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b)
+    fopt.param_groups[0]["nesterov"] = True
+    with pytest.raises(ValueError, match="nesterov"):
+        fused.sgd_step(x, y, fopt)
+    fopt.param_groups[0]["nesterov"] = False
+    fused[0].weight = torch.nn.Parameter(fused[0].weight.detach().clone())  # not the optimizer's any more
+    with pytest.raises(ValueError, match="exactly this model"):
+        fused.sgd_step(x, y, fopt)
+    fopt = torch.optim.SGD(fused.parameters(), lr=0.1)
+    fused.sgd_step(x, y, fopt)
+    fopt.param_groups[0]["params"].pop()  # a parameter left out of the optimizer
+    with pytest.raises(ValueError, match="exactly this model"):
+        fused.sgd_step(x, y, fopt)
+    fopt = torch.optim.SGD(fused.parameters(), lr=0.1)
+    fused[1] = fastmlp.Linear(6, 3)  # a new layer
+    with pytest.raises(ValueError, match="exactly this model"):
+        fused.sgd_step(x, y, fopt)
 
 
 def test_sgd_step_rejects_what_it_cannot_do():

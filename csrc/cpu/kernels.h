@@ -19,7 +19,8 @@ namespace fastmlp::cpu {
 //   ReLU, writing a 1-bit mask (bit (j % 8) of mask[i * ldm + j / 8] set iff the sum is > 0);
 //   or, instead of storing C, an SGD-with-momentum update of a parameter shaped like C:
 //     g = C + weight_decay * param; buf = momentum * buf + g; param -= lr * buf
-//   (buf is untouched when momentum == 0). C is then only scratch for partial sums.
+//   (buf is untouched when momentum == 0). When inner <= inner_block and B's rows are contiguous
+//   (b_cs == 1) the gradient never reaches C (c may be null); otherwise C holds it on the way.
 template <typename T>
 struct Gemm {
   int64_t rows = 0, cols = 0, inner = 0;
