@@ -3,6 +3,7 @@ state_dict keys), FusedMLP stacks them, convert() rewrites an existing model in 
 Linear -> ReLU pairs."""
 
 import copy
+import operator
 from collections import OrderedDict
 from typing import Sequence
 
@@ -94,24 +95,27 @@ class FusedMLP(nn.Sequential):
             state = optimizer.state
             weight_bufs = [self._momentum_buffer(state, w) for w in weights]
             bias_bufs = [self._momentum_buffer(state, b) for b in biases]
-        with torch.no_grad():
+        # What torch.no_grad() does, without building a context manager each step (2 µs of a ~300 µs step).
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
             return torch.ops.fastmlp.mlp_sgd_step(
                 x, target, weights, biases, weight_bufs, bias_bufs,
                 float(group["lr"]), float(momentum), float(group["weight_decay"]),
             )
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
 
     def _sgd_step_params(self, optimizer):
-        """(weights, biases, hyper-parameter group), validated once per optimizer and configuration."""
+        """(weights, biases, hyper-parameter group), fully validated once per optimizer and configuration
+        and then only checked for changes (see _SGDStepCache)."""
+        groups = optimizer.param_groups
+        cached = self.__dict__.get("_sgd_step_cache")
+        if cached is not None and cached.holds(self, optimizer, groups):
+            return cached.weights, cached.biases, groups[0]
         if type(optimizer) is not torch.optim.SGD:
             raise TypeError(f"FusedMLP.sgd_step needs a torch.optim.SGD optimizer, got {type(optimizer).__name__}")
-        groups = optimizer.param_groups
-        keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-        signature = (id(optimizer), [id(p) for p in self.parameters()], [[id(p) for p in g["params"]] for g in groups],
-                     [tuple(g[k] for k in keys[1:]) for g in groups])
-        cached = getattr(self, "_sgd_step_cache", None)
-        if cached is not None and cached[0] == signature and all(g["lr"] == groups[0]["lr"] for g in groups):
-            return cached[1], cached[2], groups[0]
-        if any(any(g[k] != groups[0][k] for k in keys) for g in groups):
+        if any(any(g[k] != groups[0][k] for k in ("lr",) + _SGD_KEYS) for g in groups):
             raise ValueError("FusedMLP.sgd_step: all parameter groups must share lr, momentum and weight_decay")
         group = groups[0]
         if group["dampening"] != 0 or group["nesterov"] or group["maximize"]:
@@ -121,7 +125,7 @@ class FusedMLP(nn.Sequential):
         owned = {id(p) for g in groups for p in g["params"]}
         if owned != {id(p) for p in weights + biases}:
             raise ValueError("FusedMLP.sgd_step: the optimizer must hold exactly this model's parameters")
-        self._sgd_step_cache = (signature, weights, biases)
+        self._sgd_step_cache = _SGDStepCache(optimizer, groups, list(self), weights, biases)
         return weights, biases, group
 
     @staticmethod
@@ -151,6 +155,40 @@ class FusedMLP(nn.Sequential):
                 if src.bias is not None:
                     dst.bias.copy_(src.bias)
         return out
+
+
+_SGD_KEYS = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+
+class _SGDStepCache:
+    """What FusedMLP._sgd_step_params validated, with a test that it still holds which costs ~2 µs
+    instead of a full validation's ~15: same optimizer, same parameter objects in its groups, same
+    layers holding the same parameters, same hyper-parameters, one learning rate."""
+
+    __slots__ = ("optimizer", "group_params", "hyper", "layers", "layer_params", "weights", "biases")
+
+    def __init__(self, optimizer, groups, layers, weights, biases):
+        self.optimizer = optimizer
+        self.group_params = [list(g["params"]) for g in groups]
+        self.hyper = tuple(groups[0][k] for k in _SGD_KEYS)
+        self.layers = layers
+        # Read from _parameters, as holds() does: module attribute access costs ~0.5 µs each.
+        self.layer_params = [(m._parameters["weight"], m._parameters["bias"]) for m in layers]
+        self.weights, self.biases = weights, biases
+
+    def holds(self, model, optimizer, groups) -> bool:
+        if optimizer is not self.optimizer or len(groups) != len(self.group_params):
+            return False
+        lr = groups[0]["lr"]
+        for g, params in zip(groups, self.group_params):
+            p = g["params"]
+            if g["lr"] != lr or len(p) != len(params) or not all(map(operator.is_, p, params)):
+                return False
+            if (g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"], g["maximize"]) != self.hyper:
+                return False
+        if len(model) != len(self.layers) or not all(map(operator.is_, model, self.layers)):
+            return False
+        return all(m._parameters["weight"] is w and m._parameters["bias"] is b for m, (w, b) in zip(self.layers, self.layer_params))
 
 
 def plain_mlp(sizes: Sequence[int], bias: bool = True, device=None, dtype=None) -> nn.Sequential:
