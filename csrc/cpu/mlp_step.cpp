@@ -3,8 +3,9 @@
 //   forward   each layer's GEMM writes its activation and ReLU mask directly (bias + ReLU fused);
 //   loss      softmax cross-entropy and its gradient in one pass over the logits;
 //   backward  dX GEMMs apply the previous layer's mask in their epilogue (producing dz directly);
-//             dW GEMMs apply the SGD-with-momentum update in their epilogue, so the weight gradient
-//             never reaches memory; bias gradients are column sums followed by the same update.
+//             dW GEMMs apply the SGD-with-momentum update to each strip of rows as soon as its
+//             gradient is summed, so no weight gradient is materialised (batches longer than one
+//             K block excepted); bias gradients are column sums followed by the same update.
 // The update is the one torch.optim.SGD makes (dampening 0, no Nesterov, optional weight decay).
 #include <ATen/ATen.h>
 #include <torch/library.h>
