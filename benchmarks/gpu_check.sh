@@ -85,7 +85,8 @@ run_tests errors 60 "$T/test_cuda.py" -k "errors"
 # The CUDA cases of the rest of the suite (parity, autograd, modules, whole step) on the same kernels.
 # The experimental split-K FP32 GEMM (off by default): the same tests with it on.
 FASTMLP_CUDA_SPLITK=1 run_tests splitk 150 "$T/test_cuda.py" -k "not errors"
-run_tests other 90 "$T/test_parity.py" "$T/test_autograd.py" "$T/test_modules.py" "$T/test_sgd_step.py" \
+run_tests other 120 "$T/test_parity.py" "$T/test_autograd.py" "$T/test_modules.py" "$T/test_sgd_step.py" \
+  "$T/test_adam_step.py" \
   "$T/test_errors.py" -k cuda
 
 # ---- 3. benchmarks ------------------------------------------------------------------------------

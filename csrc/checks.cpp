@@ -93,4 +93,34 @@ void check_step_args(const char* op, const Tensor& x, const Tensor& target, at::
                 lr_scale->scalar_type(), " of shape ", lr_scale->sizes(), " on ", lr_scale->device());
 }
 
+void check_adam_args(const char* op, const Tensor& x, const Tensor& target, at::TensorList weights,
+                     at::TensorList biases, at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
+                     double beta1, double beta2, double eps, const std::optional<Tensor>& lr_scale) {
+  check_step_args(op, x, target, weights, biases, {}, {}, 0.0, lr_scale);
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, op, ": betas must lie in [0, 1), got (", beta1,
+              ", ", beta2, ")");
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  const size_t n = weights.size() + biases.size();
+  TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n, op,
+              ": exp_avgs, exp_avg_sqs and steps must hold one tensor per parameter (", n,
+              ": the weights, then the biases), got ", exp_avgs.size(), ", ", exp_avg_sqs.size(), " and ",
+              steps.size());
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor& p = i < weights.size() ? weights[i] : biases[i - weights.size()];
+    for (const auto& [list, what] : {std::pair{exp_avgs, "exp_avgs"}, std::pair{exp_avg_sqs, "exp_avg_sqs"}}) {
+      const Tensor& t = list[i];
+      TORCH_CHECK(t.sizes() == p.sizes() && t.scalar_type() == x.scalar_type() && t.device() == x.device() &&
+                      t.is_contiguous(),
+                  op, ": ", what, "[", i, "] must be a contiguous ", x.scalar_type(), " tensor of shape ", p.sizes(),
+                  " on ", x.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    }
+    const Tensor& s = steps[i];
+    TORCH_CHECK(s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble) &&
+                    (s.device() == steps[0].device()) && (s.is_cpu() || s.device() == x.device()),
+                op, ": steps[", i, "] must be a one-element float32 or float64 tensor, all on the CPU or all on ",
+                x.device(), " (torch.optim.Adam's state['step']), got ", s.scalar_type(), " of shape ", s.sizes(),
+                " on ", s.device());
+  }
+}
+
 }  // namespace fastmlp

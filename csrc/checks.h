@@ -28,5 +28,10 @@ void check_mask(const char* op, const at::Tensor& mask, const at::Tensor& x, con
 void check_step_args(const char* op, const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
                      at::TensorList biases, at::TensorList wbufs, at::TensorList bbufs, double momentum,
                      const std::optional<at::Tensor>& lr_scale);
+// Every argument of mlp_adam_step: the above without momentum buffers, plus one exp_avg, exp_avg_sq
+// and step per parameter (weights, then biases).
+void check_adam_args(const char* op, const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+                     at::TensorList biases, at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
+                     double beta1, double beta2, double eps, const std::optional<at::Tensor>& lr_scale);
 
 }  // namespace fastmlp

@@ -19,6 +19,13 @@
 // biases may be empty (no bias); the buffer lists may be empty when momentum == 0. lr_scale, if
 // given, is a one-element tensor of x's dtype and device: the learning rate is then lr * lr_scale,
 // read where the step runs (on the GPU, so a CUDA-graph-captured step can follow an LR schedule).
+//
+//   mlp_adam_step(x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
+//                 weight_decay, decoupled_weight_decay=False, lr_scale=None) -> loss
+// the same step with torch.optim.Adam's update (AdamW's with decoupled_weight_decay; no AMSGrad).
+// exp_avgs, exp_avg_sqs and steps hold one tensor per parameter, the weights first, then the
+// biases; steps are Adam's one-element state['step'] counts, all on the CPU or all on x's device
+// (Adam(capturable=True)), each incremented by the step and used for its bias corrections.
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
@@ -39,6 +46,10 @@ TORCH_LIBRARY(fastmlp, m) {
       "mlp_sgd_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
       "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float lr, float momentum, float weight_decay, "
       "Tensor? lr_scale=None) -> Tensor");
+  m.def(
+      "mlp_adam_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
+      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, bool decoupled_weight_decay=False, Tensor? lr_scale=None) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,8 +1,8 @@
 """Loads the compiled extension, or falls back to the pure-PyTorch reference, and gives every op of
 the `fastmlp` namespace its fake (meta) implementation and (for the fallback) its autograd formula.
 
-After import, torch.ops.fastmlp.{linear_relu_fwd, linear_relu_bwd, linear_fwd, linear_bwd, mlp_sgd_step} exist
-whatever the backend (schemas: csrc/ops.cpp).
+After import, torch.ops.fastmlp.{linear_relu_fwd, linear_relu_bwd, linear_fwd, linear_bwd, mlp_sgd_step,
+mlp_adam_step} exist whatever the backend (schemas: csrc/ops.cpp).
 
 Environment (read once, at import):
   FASTMLP_DISABLE_EXTENSION=1  ignore the compiled extension: the pure-PyTorch reference serves all
@@ -26,6 +26,9 @@ SCHEMAS = {
     "mlp_sgd_step": "mlp_sgd_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
     "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float lr, float momentum, float weight_decay, "
     "Tensor? lr_scale=None) -> Tensor",
+    "mlp_adam_step": "mlp_adam_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
+    "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
+    "float eps, float weight_decay, bool decoupled_weight_decay=False, Tensor? lr_scale=None) -> Tensor",
 }
 _REFERENCE = {
     "linear_relu_fwd": ref.linear_relu_fwd,
@@ -33,6 +36,7 @@ _REFERENCE = {
     "linear_fwd": ref.linear_fwd,
     "linear_bwd": ref.linear_bwd,
     "mlp_sgd_step": ref.mlp_sgd_step,
+    "mlp_adam_step": ref.mlp_adam_step,
 }
 
 REBUILD_HINT = "pip install --no-build-isolation --force-reinstall --no-deps ."
@@ -137,6 +141,12 @@ def _(gy, x, w, needs):
 
 @torch.library.register_fake("fastmlp::mlp_sgd_step")
 def _(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay, lr_scale=None):
+    return x.new_empty(())
+
+
+@torch.library.register_fake("fastmlp::mlp_adam_step")
+def _(x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+      decoupled_weight_decay=False, lr_scale=None):
     return x.new_empty(())
 
 

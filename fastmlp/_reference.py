@@ -2,6 +2,8 @@
 hand-written CUDA kernels are not built or are disabled (FASTMLP_CUDA_KERNELS=0), and the executable definition the
 kernels are tested against."""
 
+import math
+
 import torch
 
 _BIT_WEIGHTS = {}
@@ -54,48 +56,79 @@ def linear_relu_bwd(gy, x, w, mask, needs):
     return linear_bwd(dz, x, w, needs)
 
 
-def mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay, lr_scale=None):
-    """Forward, mean cross-entropy, backward and torch.optim.SGD's update, all in place."""
+def _check_step(op, x, target, weights, lr, lr_scale):
+    """The step ops' value checks (the compiled ops make the same); returns the learning rate."""
     if lr_scale is not None:
         if lr_scale.numel() != 1 or lr_scale.dtype != x.dtype or lr_scale.device != x.device:
             raise RuntimeError(
-                f"fastmlp::mlp_sgd_step: lr_scale must be a one-element {x.dtype} tensor on {x.device}, got "
+                f"fastmlp::{op}: lr_scale must be a one-element {x.dtype} tensor on {x.device}, got "
                 f"{lr_scale.dtype} of shape {tuple(lr_scale.shape)} on {lr_scale.device}"
             )
         lr = lr * float(lr_scale)
     if target.dtype != torch.int64:
-        raise RuntimeError(f"fastmlp::mlp_sgd_step: target must be int64 class indices, got {target.dtype}")
+        raise RuntimeError(f"fastmlp::{op}: target must be int64 class indices, got {target.dtype}")
     classes = weights[-1].shape[0]
     bad = (target < 0) | (target >= classes)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise RuntimeError(
-            f"fastmlp::mlp_sgd_step: target[{i}] = {int(target[i])} is not a class index in [0, {classes})"
-        )
+        raise RuntimeError(f"fastmlp::{op}: target[{i}] = {int(target[i])} is not a class index in [0, {classes})")
+    return lr
+
+
+def _loss_and_grads(x, target, weights, biases):
+    """Forward, mean cross-entropy and backward of the MLP: (loss, weight grads, bias grads)."""
+    n_layers = len(weights)
+    inputs, masks = [x], []
+    for i, w in enumerate(weights):
+        z = torch.nn.functional.linear(inputs[-1], w, biases[i] if biases else None)
+        if i + 1 < n_layers:
+            masks.append(z > 0)
+            z = torch.relu(z)
+        inputs.append(z)
+    logits = inputs[-1]
+    loss = torch.nn.functional.cross_entropy(logits, target)
+    dz = torch.softmax(logits, dim=1)
+    dz[torch.arange(len(target), device=x.device), target] -= 1
+    dz /= len(target)
+    gws, gbs = [None] * n_layers, [None] * n_layers
+    for i in reversed(range(n_layers)):
+        gws[i] = dz.t() @ inputs[i]
+        gbs[i] = dz.sum(0)
+        if i > 0:
+            dz = (dz @ weights[i]) * masks[i - 1]
+    return loss, gws, gbs if biases else []
+
+
+def mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay, lr_scale=None):
+    """Forward, mean cross-entropy, backward and torch.optim.SGD's update, all in place."""
+    lr = _check_step("mlp_sgd_step", x, target, weights, lr, lr_scale)
     with torch.no_grad():
-        n_layers = len(weights)
-        inputs, masks = [x], []
-        for i, w in enumerate(weights):
-            z = torch.nn.functional.linear(inputs[-1], w, biases[i] if biases else None)
-            if i + 1 < n_layers:
-                masks.append(z > 0)
-                z = torch.relu(z)
-            inputs.append(z)
-        logits = inputs[-1]
-        loss = torch.nn.functional.cross_entropy(logits, target)
-        dz = torch.softmax(logits, dim=1)
-        dz[torch.arange(len(target), device=x.device), target] -= 1
-        dz /= len(target)
-        for i in reversed(range(n_layers)):
-            w = weights[i]
-            grads = [(w, dz.t() @ inputs[i], weight_bufs[i] if momentum else None)]
-            if biases:
-                grads.append((biases[i], dz.sum(0), bias_bufs[i] if momentum else None))
-            if i > 0:
-                dz = (dz @ w) * masks[i - 1]
-            for param, grad, buf in grads:
-                grad = grad.add(param, alpha=weight_decay) if weight_decay else grad
-                if buf is not None:
-                    grad = buf.mul_(momentum).add_(grad)
-                param.sub_(grad, alpha=lr)
+        loss, gws, gbs = _loss_and_grads(x, target, weights, biases)
+        bufs = list(weight_bufs) + list(bias_bufs) if momentum else [None] * (len(gws) + len(gbs))
+        for param, grad, buf in zip(list(weights) + list(biases), gws + gbs, bufs):
+            grad = grad.add(param, alpha=weight_decay) if weight_decay else grad
+            if buf is not None:
+                grad = buf.mul_(momentum).add_(grad)
+            param.sub_(grad, alpha=lr)
+        return loss
+
+
+def mlp_adam_step(x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                  decoupled_weight_decay=False, lr_scale=None):
+    """Forward, mean cross-entropy, backward and torch.optim.Adam's (or AdamW's) update, all in place."""
+    lr = _check_step("mlp_adam_step", x, target, weights, lr, lr_scale)
+    with torch.no_grad():
+        loss, gws, gbs = _loss_and_grads(x, target, weights, biases)
+        for param, grad, m, v, step in zip(list(weights) + list(biases), gws + gbs, exp_avgs, exp_avg_sqs, steps):
+            step.add_(1)
+            t = float(step)
+            if weight_decay:
+                if decoupled_weight_decay:
+                    param.mul_(1 - lr * weight_decay)
+                else:
+                    grad = grad.add(param, alpha=weight_decay)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+            param.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
         return loss

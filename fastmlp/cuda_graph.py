@@ -1,33 +1,36 @@
-"""CUDAGraphStep: FusedMLP's whole training step (the fastmlp::mlp_sgd_step op) captured once in a
-CUDA graph and replayed, so that a step costs one graph launch instead of a dozen kernel launches
-and a pass through Python and the dispatcher for each."""
+"""CUDAGraphStep: FusedMLP's whole training step (the fastmlp::mlp_sgd_step or mlp_adam_step op)
+captured once in a CUDA graph and replayed, so that a step costs one graph launch instead of a dozen
+kernel launches and a pass through Python and the dispatcher for each."""
 
 import torch
 
 from . import _ops
-from .modules import FusedMLP
+from .modules import FusedMLP, step_kind
 
 
 class CUDAGraphStep:
-    """A replayable training step for a FusedMLP on a GPU, with a torch.optim.SGD optimizer:
+    """A replayable training step for a FusedMLP on a GPU, with a torch.optim.SGD optimizer, or an
+    Adam / AdamW one created with capturable=True (its step counts then live on the GPU, where the
+    graph can advance them):
 
         step = fastmlp.CUDAGraphStep(model, optimizer, batch_size=64)
         for x, y in batches:
-            loss = step(x, y)          # == model.sgd_step(x, y, optimizer), one graph launch
+            loss = step(x, y)          # == model.train_step(x, y, optimizer), one graph launch
 
     Each call copies the batch into static input buffers, sets the learning rate on the device
     (so LR schedulers and per-step schedules work without capturing again) and replays the graph.
-    The graph is captured on the first call, and again only when momentum or weight decay change
-    or the parameters or momentum buffers are replaced (e.g. optimizer.load_state_dict()).
-    Batches of another size (a last, partial batch) run through model.sgd_step() instead.
+    The graph is captured on the first call, and again only when a hyper-parameter other than the
+    learning rate changes or the parameters or optimizer state tensors are replaced (e.g.
+    optimizer.load_state_dict()). Batches of another size (a last, partial batch) run through
+    model.train_step() instead.
 
     The returned loss is a GPU tensor that the next call overwrites: read it (loss.item()) or
     clone it before calling again. Needs fastmlp's compiled CUDA kernels (fastmlp.backend("cuda")
     == "compiled"), whose step never synchronises with the host: a target outside [0, classes)
-    gives a NaN loss and leaves the parameters and momentum buffers unchanged.
+    gives a NaN loss and leaves the parameters and optimizer state unchanged.
     """
 
-    def __init__(self, model: FusedMLP, optimizer: torch.optim.SGD, batch_size: int):
+    def __init__(self, model: FusedMLP, optimizer: torch.optim.Optimizer, batch_size: int):
         if not isinstance(model, FusedMLP):
             raise TypeError(f"CUDAGraphStep needs a fastmlp.FusedMLP, got {type(model).__name__}")
         weight = model[0].weight
@@ -40,7 +43,13 @@ class CUDAGraphStep:
             )
         if int(batch_size) <= 0:
             raise ValueError(f"CUDAGraphStep: batch_size must be positive, got {batch_size}")
-        model._sgd_step_params(optimizer)  # validates the optimizer now rather than at the first step
+        self.kind = step_kind(optimizer, "CUDAGraphStep")
+        _, _, group = model._step_params(optimizer, self.kind)  # validates now rather than at the first step
+        if self.kind == "adam" and not (group["capturable"] or group["fused"]):
+            raise ValueError(
+                "CUDAGraphStep needs an Adam/AdamW optimizer created with capturable=True: a captured graph "
+                "cannot advance step counts kept on the CPU"
+            )
         self.model, self.optimizer, self.batch_size = model, optimizer, int(batch_size)
         self._x = torch.zeros(self.batch_size, model.sizes[0], device=weight.device, dtype=weight.dtype)
         self._y = torch.zeros(self.batch_size, device=weight.device, dtype=torch.int64)
@@ -52,21 +61,33 @@ class CUDAGraphStep:
         self.captures = 0  # how many times the step was captured (for tests and the curious)
 
     def _args(self):
-        """The op's parameter arguments and the key that says whether the captured graph still applies."""
-        weights, biases, group = self.model._sgd_step_params(self.optimizer)
-        momentum = float(group["momentum"])
-        wbufs, bbufs = [], []
-        if momentum != 0:
-            state = self.optimizer.state
-            wbufs = [FusedMLP._momentum_buffer(state, w) for w in weights]
-            bbufs = [FusedMLP._momentum_buffer(state, b) for b in biases]
-        tensors = weights + biases + wbufs + bbufs
-        key = (momentum, float(group["weight_decay"]), tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors))
-        return (weights, biases, wbufs, bbufs, momentum, float(group["weight_decay"])), float(group["lr"]), key
+        """The op's arguments after x, target and before lr_scale (lr set to 1: the learning rate comes
+        from lr_scale), the learning rate, and the key that says whether the captured graph still applies."""
+        weights, biases, group = self.model._step_params(self.optimizer, self.kind)
+        if self.kind == "sgd":
+            momentum = float(group["momentum"])
+            wbufs, bbufs = [], []
+            if momentum != 0:
+                state = self.optimizer.state
+                wbufs = [FusedMLP._momentum_buffer(state, w) for w in weights]
+                bbufs = [FusedMLP._momentum_buffer(state, b) for b in biases]
+            tensors = weights + biases + wbufs + bbufs
+            hyper = (momentum, float(group["weight_decay"]))
+            args = (weights, biases, wbufs, bbufs, 1.0, *hyper)
+        else:
+            states = [FusedMLP._adam_state(self.optimizer, group, p) for p in weights + biases]
+            m, v, steps = ([s[k] for s in states] for k in ("exp_avg", "exp_avg_sq", "step"))
+            beta1, beta2 = group["betas"]
+            tensors = weights + biases + m + v + steps
+            hyper = (float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                     bool(group.get("decoupled_weight_decay", False)))
+            args = (weights, biases, m, v, steps, 1.0, *hyper)
+        key = (hyper, tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors))
+        return args, float(group["lr"]), key
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[0] != self.batch_size:
-            return self.model.sgd_step(x, target, self.optimizer)
+            return self.model.train_step(x, target, self.optimizer)
         if x.shape[1] != self.model.sizes[0] or x.dtype != self._x.dtype or x.device != self._x.device:
             raise ValueError(
                 f"CUDAGraphStep: x must be a {self._x.dtype} tensor of shape ({self.batch_size}, "
@@ -90,14 +111,12 @@ class CUDAGraphStep:
         return self._loss
 
     def _capture(self, args):
-        weights, biases, wbufs, bbufs, momentum, weight_decay = args
         self._graph = self._loss = None  # frees the previous graph's memory pool first
         graph = torch.cuda.CUDAGraph()
+        op = torch.ops.fastmlp.mlp_sgd_step if self.kind == "sgd" else torch.ops.fastmlp.mlp_adam_step
         # Capture records the launches without running them: nothing is updated here. The capture
         # stream must belong to the model's device, which need not be the current one.
         with torch.cuda.device(self._x.device), torch.cuda.graph(graph):
-            loss = torch.ops.fastmlp.mlp_sgd_step(
-                self._x, self._y, weights, biases, wbufs, bbufs, 1.0, momentum, weight_decay, self._lr
-            )
+            loss = op(self._x, self._y, *args, lr_scale=self._lr)
         self._graph, self._loss = graph, loss
         self.captures += 1

@@ -87,7 +87,7 @@ class FusedMLP(nn.Sequential):
         """
         if x.dim() != 2 or x.shape[1] != self.sizes[0]:
             raise ValueError(f"FusedMLP.sgd_step: x must have shape (batch, {self.sizes[0]}), got {tuple(x.shape)}")
-        weights, biases, group = self._sgd_step_params(optimizer)
+        weights, biases, group = self._step_params(optimizer, "sgd")
         momentum = group["momentum"]
         weight_bufs, bias_bufs = [], []
         if momentum != 0:
@@ -106,27 +106,76 @@ class FusedMLP(nn.Sequential):
         finally:
             torch._C._set_grad_enabled(grad_enabled)
 
-    def _sgd_step_params(self, optimizer):
-        """(weights, biases, hyper-parameter group), fully validated once per optimizer and configuration
-        and then only checked for changes (see _SGDStepCache)."""
+    def adam_step(self, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Adam) -> torch.Tensor:
+        """sgd_step's twin for torch.optim.Adam and torch.optim.AdamW (any lr, betas, eps, weight_decay;
+        no amsgrad, maximize or differentiable): one fused op with the same result, within float32
+        rounding, as
+
+            loss = F.cross_entropy(self(x), target); optimizer.zero_grad(); loss.backward(); optimizer.step()
+
+        It uses and updates the optimizer's own state (exp_avg, exp_avg_sq and the step count, starting
+        them as torch does), so state_dict() checkpoints, LR schedulers and ordinary steps keep working
+        around it. Returns the loss (a detached scalar tensor)."""
+        if x.dim() != 2 or x.shape[1] != self.sizes[0]:
+            raise ValueError(f"FusedMLP.adam_step: x must have shape (batch, {self.sizes[0]}), got {tuple(x.shape)}")
+        weights, biases, group = self._step_params(optimizer, "adam")
+        # Looked up every step: optimizer.load_state_dict() replaces the state tensors.
+        states = [self._adam_state(optimizer, group, p) for p in weights + biases]
+        beta1, beta2 = group["betas"]
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return torch.ops.fastmlp.mlp_adam_step(
+                x, target, weights, biases, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states], float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                float(group["weight_decay"]), bool(group.get("decoupled_weight_decay", False)),
+            )
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
+
+    def train_step(self, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """sgd_step or adam_step, as `optimizer` (torch.optim.SGD, Adam or AdamW) calls for."""
+        return getattr(self, f"{step_kind(optimizer, 'FusedMLP.train_step')}_step")(x, target, optimizer)
+
+    def _step_params(self, optimizer, kind):
+        """(weights, biases, hyper-parameter group) for a whole-step op of `kind` ("sgd" or "adam"),
+        fully validated once per optimizer and configuration and then only checked for changes
+        (see _StepCache)."""
         groups = optimizer.param_groups
-        cached = self.__dict__.get("_sgd_step_cache")
-        if cached is not None and cached.holds(self, optimizer, groups):
+        cached = self.__dict__.get("_step_cache")
+        if cached is not None and cached.kind == kind and cached.holds(self, optimizer, groups):
             return cached.weights, cached.biases, groups[0]
-        if type(optimizer) is not torch.optim.SGD:
-            raise TypeError(f"FusedMLP.sgd_step needs a torch.optim.SGD optimizer, got {type(optimizer).__name__}")
-        if any(any(g[k] != groups[0][k] for k in ("lr",) + _SGD_KEYS) for g in groups):
-            raise ValueError("FusedMLP.sgd_step: all parameter groups must share lr, momentum and weight_decay")
+        method = f"FusedMLP.{kind}_step"
+        types, keys = _STEP_OPTIMIZERS[kind]
+        if type(optimizer) not in types:
+            names = " or ".join(f"torch.optim.{t.__name__}" for t in types)
+            raise TypeError(f"{method} needs a {names} optimizer, got {type(optimizer).__name__}")
+        if any(any(g.get(k) != groups[0].get(k) for k in ("lr",) + keys) for g in groups):
+            raise ValueError(f"{method}: all parameter groups must share their hyper-parameters")
         group = groups[0]
-        if group["dampening"] != 0 or group["nesterov"] or group["maximize"]:
-            raise ValueError("FusedMLP.sgd_step supports SGD without dampening, nesterov or maximize")
+        unsupported = [k for k in _UNSUPPORTED[kind] if group.get(k)]
+        if unsupported:
+            raise ValueError(f"{method} does not support {', '.join(unsupported)}")
         weights = [layer.weight for layer in self]
         biases = [layer.bias for layer in self if layer.bias is not None]
         owned = {id(p) for g in groups for p in g["params"]}
         if owned != {id(p) for p in weights + biases}:
-            raise ValueError("FusedMLP.sgd_step: the optimizer must hold exactly this model's parameters")
-        self._sgd_step_cache = _SGDStepCache(optimizer, groups, list(self), weights, biases)
+            raise ValueError(f"{method}: the optimizer must hold exactly this model's parameters")
+        self._step_cache = _StepCache(kind, keys, optimizer, groups, list(self), weights, biases)
         return weights, biases, group
+
+    @staticmethod
+    def _adam_state(optimizer, group, param):
+        # As torch.optim.Adam starts a parameter's state: the step count on the CPU unless capturable or
+        # fused, where it lives on the parameter's device.
+        state = optimizer.state[param]
+        if not state:
+            on_device = group["capturable"] or group["fused"]
+            dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            state["step"] = torch.zeros((), dtype=dtype, device=param.device if on_device else None)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
 
     @staticmethod
     def _momentum_buffer(state, param):
@@ -157,20 +206,38 @@ class FusedMLP(nn.Sequential):
         return out
 
 
-_SGD_KEYS = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
+# optimizer kind -> (optimizer types, hyper-parameters that must not change under a cached validation)
+_STEP_OPTIMIZERS = {
+    "sgd": ((torch.optim.SGD,), ("momentum", "dampening", "weight_decay", "nesterov", "maximize")),
+    "adam": ((torch.optim.Adam, torch.optim.AdamW),
+             ("betas", "eps", "weight_decay", "amsgrad", "maximize", "differentiable", "decoupled_weight_decay")),
+}
+# Options the fused steps do not implement (dampening is checked as a value: any non-zero one).
+_UNSUPPORTED = {"sgd": ("dampening", "nesterov", "maximize"), "adam": ("amsgrad", "maximize", "differentiable")}
 
 
-class _SGDStepCache:
-    """What FusedMLP._sgd_step_params validated, with a test that it still holds which costs ~2 µs
+def step_kind(optimizer, who: str) -> str:
+    """"sgd" or "adam": which whole-step op serves `optimizer`; TypeError for any other optimizer."""
+    for kind, (types, _) in _STEP_OPTIMIZERS.items():
+        if type(optimizer) in types:
+            return kind
+    raise TypeError(
+        f"{who} needs a torch.optim.SGD, Adam or AdamW optimizer, got {type(optimizer).__name__}"
+    )
+
+
+class _StepCache:
+    """What FusedMLP._step_params validated, with a test that it still holds which costs ~3 µs
     instead of a full validation's ~15: same optimizer, same parameter objects in its groups, same
     layers holding the same parameters, same hyper-parameters, one learning rate."""
 
-    __slots__ = ("optimizer", "group_params", "hyper", "layers", "layer_params", "weights", "biases")
+    __slots__ = ("kind", "keys", "optimizer", "group_params", "hyper", "layers", "layer_params", "weights", "biases")
 
-    def __init__(self, optimizer, groups, layers, weights, biases):
+    def __init__(self, kind, keys, optimizer, groups, layers, weights, biases):
+        self.kind, self.keys = kind, keys
         self.optimizer = optimizer
         self.group_params = [list(g["params"]) for g in groups]
-        self.hyper = tuple(groups[0][k] for k in _SGD_KEYS)
+        self.hyper = tuple(groups[0].get(k) for k in keys)
         self.layers = layers
         # Read from _parameters, as holds() does: module attribute access costs ~0.5 µs each.
         self.layer_params = [(m._parameters["weight"], m._parameters["bias"]) for m in layers]
@@ -184,7 +251,7 @@ class _SGDStepCache:
             p = g["params"]
             if g["lr"] != lr or len(p) != len(params) or not all(map(operator.is_, p, params)):
                 return False
-            if (g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"], g["maximize"]) != self.hyper:
+            if tuple([g.get(k) for k in self.keys]) != self.hyper:
                 return False
         if len(model) != len(self.layers) or not all(map(operator.is_, model, self.layers)):
             return False

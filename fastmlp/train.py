@@ -251,19 +251,18 @@ class Trainer:
         # Built on the CPU, then moved: the same initial weights on every device.
         self.model = model_for(config.dataset, config.backend, config.dropout).to(self.device)
         params = self.model.parameters()
+        # The whole step (forward, loss, backward, optimizer update) as one fastmlp op where it applies:
+        # FusedMLP, no dropout, one process. Same result as autograd within float32 rounding.
+        self.fused_step = hasattr(self.model, "train_step") and config.dropout == 0 and world == 1
+        # On a GPU with fastmlp's CUDA kernels the whole step is also captured in a CUDA graph.
+        use_graph = self.fused_step and self.device.type == "cuda" and _ops.CUDA_KERNELS
         if config.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                              weight_decay=config.weight_decay)
-        else:
-            self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-        # The whole step (forward, loss, backward, SGD update) as one fastmlp op where it applies:
-        # FusedMLP, SGD, no dropout, one process. Same result as autograd within float32 rounding.
-        self.fused_step = (hasattr(self.model, "sgd_step") and config.optimizer == "sgd" and config.dropout == 0
-                           and world == 1)
-        # On a GPU with fastmlp's CUDA kernels the whole step is also captured in a CUDA graph.
-        self.graph_step = None
-        if self.fused_step and self.device.type == "cuda" and _ops.CUDA_KERNELS:
-            self.graph_step = CUDAGraphStep(self.model, self.optimizer, config.batch_size)
+        else:  # capturable: step counts on the GPU, where a captured graph can advance them
+            self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
+                                              capturable=use_graph)
+        self.graph_step = CUDAGraphStep(self.model, self.optimizer, config.batch_size) if use_graph else None
         self.net = self.model
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -300,7 +299,7 @@ class Trainer:
         if c.dropout > 0:  # dropout masks, like the order, from (seed, epoch) alone, and per process
             torch.manual_seed(derive_seed(c.seed, self.epoch, 1, self.rank))
         self.model.train()
-        fused_step = self.graph_step or (lambda x, y: self.model.sgd_step(x, y, self.optimizer))
+        fused_step = self.graph_step or (lambda x, y: self.model.train_step(x, y, self.optimizer))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         _sync(self.device)
         start = time.perf_counter()
@@ -411,8 +410,8 @@ def describe(trainer: "Trainer", resumed: bool = False) -> str:
     c, s = trainer.config, trainer.splits
     kernels = f"{_kernels(trainer.device)} kernels" if c.backend == "fused" else "nn.Linear"
     if c.backend == "fused":
-        kernels += (", fused SGD step" + (" in a CUDA graph" if trainer.graph_step else "")
-                    if trainer.fused_step else ", autograd")
+        step = f", fused {'SGD' if c.optimizer == 'sgd' else 'Adam'} step"
+        kernels += (step + (" in a CUDA graph" if trainer.graph_step else "")) if trainer.fused_step else ", autograd"
     recipe = f"{c.optimizer} lr {c.lr:g}" + (f" momentum {c.momentum:g}" if c.optimizer == "sgd" else "")
     recipe += (f" weight_decay {c.weight_decay:g}" if c.weight_decay else "")
     recipe += (f" dropout {c.dropout:g}" if c.dropout else "") + f", {c.schedule} schedule"

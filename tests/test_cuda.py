@@ -537,12 +537,45 @@ def test_cuda_graph_step_matches_torch(cuda_kernels):
     assert step.captures == 2
 
 
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_cuda_graph_adam_step_matches_torch(cuda_kernels, cls):
+    """Adam(capturable=True): step counts on the GPU, advanced inside the graph."""
+    sizes = [784, 256, 10]
+    plain, fused = _step_models(sizes, True, torch.float32, seed=17)
+    gen = torch.Generator(device="cuda").manual_seed(47)
+    batches = [(torch.randn(64, 784, device="cuda", generator=gen),
+                torch.randint(0, 10, (64,), device="cuda", generator=gen)) for _ in range(5)]
+    batches.append((batches[0][0][:9], batches[0][1][:9]))  # partial batch: model.train_step
+    lrs = [1e-3 * (1 - i / 10) for i in range(len(batches))]
+    hyper = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, capturable=True)
+    popt, fopt = cls(plain.parameters(), **hyper), cls(fused.parameters(), **hyper)
+    step = fastmlp.CUDAGraphStep(fused, fopt, batch_size=64)
+    want, got = [], []
+    for (x, y), lr in zip(batches, lrs):
+        for g in popt.param_groups + fopt.param_groups:
+            g["lr"] = lr
+        loss = F.cross_entropy(plain(x), y)
+        popt.zero_grad()
+        loss.backward()
+        popt.step()
+        want.append(loss.detach())
+        got.append(step(x, y).clone())
+    assert step.captures == 1
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=2e-5, atol=2e-6)
+    for p, q in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(fopt.state[p]["step"], popt.state[q]["step"])
+        torch.testing.assert_close(fopt.state[p]["exp_avg_sq"], popt.state[q]["exp_avg_sq"], rtol=2e-5, atol=1e-9)
+
+
 def test_cuda_graph_step_errors(cuda_kernels):
     _, fused = _step_models([20, 8, 4], True, torch.float32, seed=9)
     opt = torch.optim.SGD(fused.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="batch_size must be positive"):
         fastmlp.CUDAGraphStep(fused, opt, batch_size=0)
-    with pytest.raises(TypeError, match="needs a torch.optim.SGD"):
+    with pytest.raises(TypeError, match="needs a torch.optim.SGD, Adam or AdamW"):
+        fastmlp.CUDAGraphStep(fused, torch.optim.RMSprop(fused.parameters()), batch_size=4)
+    with pytest.raises(ValueError, match="capturable=True"):
         fastmlp.CUDAGraphStep(fused, torch.optim.Adam(fused.parameters()), batch_size=4)
     step = fastmlp.CUDAGraphStep(fused, opt, batch_size=4)
     with pytest.raises(ValueError, match="x must be a torch.float32 tensor of shape"):

@@ -3,6 +3,7 @@
 // function compiled with wide instructions can be merged with a generic one at link time. Only
 // standard headers are included before the pragma.
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cmath>
 #include <cstdint>
 
 #pragma GCC push_options

@@ -1,5 +1,6 @@
 // AVX-512 kernels (x86-64 with F/DQ/BW/VL). See gemm_avx2.cpp for why a pragma sets the target.
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cmath>
 #include <cstdint>
 
 #pragma GCC push_options

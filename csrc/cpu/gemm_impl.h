@@ -10,8 +10,8 @@
 //     MC x KC block is first copied tile-major, MR elements per step, which is cheap in that layout.
 //   - The micro-kernel keeps an MR x NRW tile of C in registers for a whole KC block; the last
 //     block applies the epilogue (bias, ReLU, 1-bit mask) before the only store of the result.
-//   - A fused SGD update (dW in the whole-step op) is applied to whole rows of the parameter
-//     after their gradient is finished (sgd_rows), not tile by tile.
+//   - A fused optimizer update (dW in the whole-step op) is applied to whole rows of the parameter
+//     after their gradient is finished (update_rows), not tile by tile.
 // Each element of C is summed in the same order whatever the thread split, so results do not
 // depend on the number of threads.
 //
@@ -122,34 +122,82 @@ struct GemmImpl {
     }
   }
 
-  // The update torch.optim.SGD makes (dampening 0, no Nesterov) for rows [i0, i0 + rows) x cols
-  // [c0, c1) of the parameter, from the finished gradient (row r at grad + r * ldg, column c0 first).
-  // A separate pass over whole rows rather than a per-tile epilogue: param and buf then stream
-  // through in long contiguous runs the hardware prefetcher follows, which made dW + update 25-30%
-  // faster (784 x 128 and 784 x 256 at batch 64) than loading them 6 x 16 at a time after each tile.
-  static void sgd_rows(const Gemm<T>& g, int64_t i0, int64_t rows, int64_t c0, int64_t c1, const T* grad,
-                       int64_t ldg) {
-    const reg neg_lr = V::bcast(-g.lr), momentum = V::bcast(g.momentum), decay = V::bcast(g.weight_decay);
-    const bool has_decay = g.weight_decay != T(0), has_momentum = g.momentum != T(0);
+  // An Update (kernels.h) of kind K with its scalars broadcast once; apply() updates n <= L elements
+  // at offset k of the tensors from the gradient vector d. One instantiation per kind keeps the
+  // per-vector work free of branches on the kind (a shared loop cost the SGD update ~15%).
+  template <UpdateKind K>
+  struct Updater {
+    const Update<T>& u;
+    reg neg_lr, momentum, decay, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, neg_step, decay_factor;
+    bool has_decay, has_momentum;
+
+    explicit Updater(const Update<T>& u_)
+        : u(u_), neg_lr(V::bcast(-u_.lr)), momentum(V::bcast(u_.momentum)), decay(V::bcast(u_.weight_decay)),
+          one_minus_beta1(V::bcast(u_.one_minus_beta1)), beta2(V::bcast(u_.beta2)),
+          one_minus_beta2(V::bcast(u_.one_minus_beta2)), eps(V::bcast(u_.eps)), bc2_sqrt(V::bcast(u_.bc2_sqrt)),
+          neg_step(V::bcast(-u_.step_size)), decay_factor(V::bcast(u_.decay_factor)),
+          has_decay(u_.weight_decay != T(0)), has_momentum(u_.momentum != T(0)) {}
+
+    static reg ld(const T* p, int n) { return n == L ? V::load(p) : V::load_n(p, n); }
+    static void st(T* p, reg v, int n) {
+      if (n == L) V::store(p, v);
+      else V::store_n(p, v, n);
+    }
+
+    void apply(int64_t k, int n, reg d) const {
+      reg p = ld(u.param + k, n);
+      if constexpr (K == UpdateKind::kSgd) {
+        if (has_decay) d = V::fma(decay, p, d);
+        if (has_momentum) {
+          d = V::fma(momentum, ld(u.buf + k, n), d);
+          st(u.buf + k, d, n);
+        }
+        st(u.param + k, V::fma(neg_lr, d, p), n);
+      } else {
+        if (has_decay) {
+          if (u.decoupled) p = V::mul(p, decay_factor);
+          else d = V::fma(decay, p, d);
+        }
+        reg m = ld(u.buf + k, n), v = ld(u.buf2 + k, n);
+        m = V::fma(one_minus_beta1, V::sub(d, m), m);  // torch's lerp for a weight below 0.5
+        v = V::fma(one_minus_beta2, V::mul(d, d), V::mul(v, beta2));
+        st(u.buf + k, m, n);
+        st(u.buf2 + k, v, n);
+        const reg denom = V::add(V::div(V::sqrt(v), bc2_sqrt), eps);
+        st(u.param + k, V::fma(neg_step, V::div(m, denom), p), n);
+      }
+    }
+  };
+
+  // The update for rows [i0, i0 + rows) x cols [c0, c1) of a parameter shaped like C, from the
+  // finished gradient (row r at grad + r * ldg, column c0 first). A separate pass over whole rows
+  // rather than a per-tile epilogue: the parameter and its optimizer state then stream through in
+  // long contiguous runs the hardware prefetcher follows, which made dW + SGD update 25-30% faster
+  // (784 x 128 and 784 x 256 at batch 64) than loading them 6 x 16 at a time after each tile.
+  template <UpdateKind K>
+  static void update_rows_as(const Gemm<T>& g, int64_t i0, int64_t rows, int64_t c0, int64_t c1, const T* grad,
+                             int64_t ldg) {
+    const Updater<K> up(g.update);
     for (int64_t r = 0; r < rows; ++r) {
-      T* param = g.sgd_param + (i0 + r) * g.ldc;
-      T* buf = has_momentum ? g.sgd_buf + (i0 + r) * g.ldc : nullptr;
+      const int64_t row = (i0 + r) * g.ldc;
       const T* gr = grad + r * ldg - c0;
       for (int64_t j = c0; j < c1; j += L) {
         const int n = int(imin(L, c1 - j));
-        reg d = n == L ? V::load(gr + j) : V::load_n(gr + j, n);
-        const reg p = n == L ? V::load(param + j) : V::load_n(param + j, n);
-        if (has_decay) d = V::fma(decay, p, d);
-        if (has_momentum) {
-          d = V::fma(momentum, n == L ? V::load(buf + j) : V::load_n(buf + j, n), d);
-          if (n == L) V::store(buf + j, d);
-          else V::store_n(buf + j, d, n);
-        }
-        const reg updated = V::fma(neg_lr, d, p);
-        if (n == L) V::store(param + j, updated);
-        else V::store_n(param + j, updated, n);
+        up.apply(row + j, n, n == L ? V::load(gr + j) : V::load_n(gr + j, n));
       }
     }
+  }
+  static void update_rows(const Gemm<T>& g, int64_t i0, int64_t rows, int64_t c0, int64_t c1, const T* grad,
+                          int64_t ldg) {
+    if (g.update.kind == UpdateKind::kSgd) update_rows_as<UpdateKind::kSgd>(g, i0, rows, c0, c1, grad, ldg);
+    else update_rows_as<UpdateKind::kAdam>(g, i0, rows, c0, c1, grad, ldg);
+  }
+
+  static void apply_update(const Update<T>& u, int64_t n, const T* grad) {
+    Gemm<T> g;  // one row of n columns
+    g.update = u;
+    g.ldc = n;
+    update_rows(g, 0, 1, 0, n, grad, n);
   }
 
   // Runtime (rows, vectors) -> the instantiation for it.
@@ -220,10 +268,11 @@ struct GemmImpl {
     static_assert(KC % L == 0, "K blocks are whole vectors");
     const int64_t nblocks = inner > 0 ? (inner + KC - 1) / KC : 1;
     const int64_t kstep = imin(KC, ((inner + nblocks - 1) / nblocks + L - 1) / L * L) + (inner == 0);
-    // An SGD update summed in one K block with B read in place goes strip by strip: rows outer,
+    // An update summed in one K block with B read in place goes strip by strip: rows outer,
     // MR rows of the gradient finished across all columns into a small scratch strip and applied
-    // at once (sgd_rows). Otherwise the gradient is parked in C and applied per row block.
-    const bool strips = g.sgd_param && nblocks == 1 && !pack_b;
+    // at once (update_rows). Otherwise the gradient is parked in C and applied per row block.
+    const bool updates = g.update.kind != UpdateKind::kNone;
+    const bool strips = updates && nblocks == 1 && !pack_b;
     const int64_t strip_ld = (c1 - c0 + L - 1) / L * L;
     constexpr int64_t kMcTiles = (MC + MR - 1) / MR;
     T* panel = static_cast<T*>(
@@ -273,7 +322,7 @@ struct GemmImpl {
         if (strips) {
           for (int64_t i0 = m0; i0 < m1; i0 += MR) {
             for (int64_t j0 = c0; j0 < c1; j0 += NRW) run_tile(i0, j0, strip + (j0 - c0));
-            sgd_rows(g, i0, imin(MR, m1 - i0), c0, c1, strip, strip_ld);
+            update_rows(g, i0, imin(MR, m1 - i0), c0, c1, strip, strip_ld);
           }
           continue;
         }
@@ -281,7 +330,7 @@ struct GemmImpl {
           if (pack_b) pack_panel(g, pc, kc, j0, int(imin(NRW, c1 - j0)), panel);
           for (int64_t i0 = m0; i0 < m1; i0 += MR) run_tile(i0, j0, g.c + i0 * g.ldc + j0);
         }
-        if (g.sgd_param && t.final) sgd_rows(g, m0, m1 - m0, c0, c1, g.c + m0 * g.ldc + c0, g.ldc);
+        if (updates && t.final) update_rows(g, m0, m1 - m0, c0, c1, g.c + m0 * g.ldc + c0, g.ldc);
       }
     }
   }
@@ -317,6 +366,7 @@ struct GemmImpl {
     KernelTable<T> k;
     k.gemm_block = &gemm_block;
     k.drelu_bias_grad = &drelu_bias_grad;
+    k.apply_update = &apply_update;
     k.panel_cols = NRW;
     k.rows_per_tile = MR;
     k.inner_block = KC;

@@ -9,6 +9,30 @@
 
 namespace fastmlp::cpu {
 
+// An optimizer update of a parameter p from its finished gradient g, elementwise, as torch.optim
+// makes it (learning rates and bias corrections already folded into the scalars):
+//   SGD   g += weight_decay * p; buf = momentum * buf + g (only when momentum != 0); p -= lr * buf
+//   Adam  g += weight_decay * p (Adam), or p *= 1 - lr * weight_decay first (AdamW, `decoupled`);
+//         buf = lerp(buf, g, 1 - beta1); buf2 = beta2 * buf2 + (1 - beta2) * g * g;
+//         p -= step_size * buf / (sqrt(buf2) / bc2_sqrt + eps)
+//         with step_size = lr / (1 - beta1^t) and bc2_sqrt = sqrt(1 - beta2^t) at step t.
+enum class UpdateKind : uint8_t { kNone, kSgd, kAdam };
+
+template <typename T>
+struct Update {
+  UpdateKind kind = UpdateKind::kNone;
+  T* param = nullptr;
+  T* buf = nullptr;   // SGD: momentum buffer (unused when momentum == 0); Adam: exp_avg
+  T* buf2 = nullptr;  // Adam: exp_avg_sq
+  T lr = 0, weight_decay = 0;
+  T momentum = 0;  // SGD
+  // Adam. 1 - beta is computed before rounding to T, as torch does (1 - float(0.999) is off by 1e-5).
+  T one_minus_beta1 = 0, beta2 = 0, one_minus_beta2 = 0, eps = 0;
+  T step_size = 0, bc2_sqrt = 1;  // for this step
+  bool decoupled = false;         // AdamW's weight decay: p *= decay_factor (1 - lr * weight_decay)
+  T decay_factor = 1;
+};
+
 // C(i, j) = sum_p A(i, p) * B(p, j), for a rectangular block of C.
 //   A(i, p) = a[i * a_rs + p * a_cs]   (any strides: A is only ever broadcast element by element)
 //   B(p, j) = b[p * b_rs + j * b_cs]   (packed into cache-sized panels by the kernel itself)
@@ -17,9 +41,8 @@ namespace fastmlp::cpu {
 //   + bias[j];
 //   keep only where an input mask bit is set (backward through the previous layer's ReLU);
 //   ReLU, writing a 1-bit mask (bit (j % 8) of mask[i * ldm + j / 8] set iff the sum is > 0);
-//   or, instead of storing C, an SGD-with-momentum update of a parameter shaped like C:
-//     g = C + weight_decay * param; buf = momentum * buf + g; param -= lr * buf
-//   (buf is untouched when momentum == 0). When inner <= inner_block and B's rows are contiguous
+//   or, instead of storing C, an optimizer `update` of a parameter shaped like C (its param / buf /
+//   buf2 with leading dimension ldc). When inner <= inner_block and B's rows are contiguous
 //   (b_cs == 1) the gradient never reaches C (c may be null); otherwise C holds it on the way.
 template <typename T>
 struct Gemm {
@@ -36,9 +59,7 @@ struct Gemm {
   int64_t ldm = 0;
   const uint8_t* mask_in = nullptr;  // same packing as mask, ld = ldm_in
   int64_t ldm_in = 0;
-  T* sgd_param = nullptr;  // ld = ldc
-  T* sgd_buf = nullptr;    // ld = ldc
-  T lr = 0, momentum = 0, weight_decay = 0;
+  Update<T> update;
 };
 
 // One instruction set's kernels. Column ranges handed to gemm_block must start at a multiple of
@@ -51,6 +72,8 @@ struct KernelTable {
   // cols [c0, c1). Either of dz / gb may be null. mask == nullptr means "no ReLU" (dz = gy).
   void (*drelu_bias_grad)(int64_t rows, int64_t c0, int64_t c1, const T* gy, int64_t ldg,
                           const uint8_t* mask, int64_t ldm, T* dz, T* gb);
+  // Applies `u` to n contiguous elements of its param / buf / buf2 from the gradient g.
+  void (*apply_update)(const Update<T>& u, int64_t n, const T* g);
   int64_t panel_cols;     // width of one packed B panel (columns a micro-kernel produces at once)
   int64_t rows_per_tile;  // rows of C a micro-kernel produces at once
   int64_t inner_block;    // K-blocking: sums longer than this park partial results in C

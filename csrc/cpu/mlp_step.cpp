@@ -1,12 +1,14 @@
-// One whole SGD training step of an MLP (Linear+ReLU ... Linear, softmax cross-entropy) in a single
-// op: no autograd graph, no per-layer dispatch, and no pass over memory that a GEMM epilogue can do:
+// One whole training step of an MLP (Linear+ReLU ... Linear, softmax cross-entropy) with an SGD or
+// Adam update, in a single op: no autograd graph, no per-layer dispatch, and no pass over memory that
+// a GEMM epilogue can do:
 //   forward   each layer's GEMM writes its activation and ReLU mask directly (bias + ReLU fused);
 //   loss      softmax cross-entropy and its gradient in one pass over the logits;
 //   backward  dX GEMMs apply the previous layer's mask in their epilogue (producing dz directly);
-//             dW GEMMs apply the SGD-with-momentum update to each strip of rows as soon as its
-//             gradient is summed, so no weight gradient is materialised (batches longer than one
-//             K block excepted); bias gradients are column sums followed by the same update.
-// The update is the one torch.optim.SGD makes (dampening 0, no Nesterov, optional weight decay).
+//             dW GEMMs apply the optimizer update to each strip of rows as soon as its gradient is
+//             summed, so no weight gradient is materialised (batches longer than one K block
+//             excepted); bias gradients are column sums followed by the same update.
+// The updates are the ones torch.optim.SGD (dampening 0, no Nesterov) and torch.optim.Adam / AdamW
+// (no AMSGrad) make; see Update in kernels.h.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -23,18 +25,19 @@ namespace {
 
 using at::Tensor;
 
-constexpr const char* kOp = "fastmlp::mlp_sgd_step";
+constexpr const char* kSgdOp = "fastmlp::mlp_sgd_step";
+constexpr const char* kAdamOp = "fastmlp::mlp_adam_step";
 
 // Mean softmax cross-entropy of logits (M x C); writes its gradient to dz. Returns the loss.
 template <typename T>
-double cross_entropy(const T* logits, const int64_t* target, int64_t M, int64_t C, T* dz) {
+double cross_entropy(const char* op, const T* logits, const int64_t* target, int64_t M, int64_t C, T* dz) {
   double total = 0;
   const T inv_m = T(1) / T(M);
   for (int64_t i = 0; i < M; ++i) {
     const T* z = logits + i * C;
     T* d = dz + i * C;
     const int64_t t = target[i];
-    TORCH_CHECK(t >= 0 && t < C, kOp, ": target[", i, "] = ", t, " is not a class index in [0, ", C, ")");
+    TORCH_CHECK(t >= 0 && t < C, op, ": target[", i, "] = ", t, " is not a class index in [0, ", C, ")");
     T mx = z[0];
     for (int64_t j = 1; j < C; ++j) mx = z[j] > mx ? z[j] : mx;
     T sum = 0;
@@ -46,19 +49,10 @@ double cross_entropy(const T* logits, const int64_t* target, int64_t M, int64_t 
   return total / double(M);
 }
 
-// p -= lr * (buf = momentum * buf + g + weight_decay * p), elementwise.
+// The step, with updates[i] the optimizer update of parameter i (the weights, then the biases).
 template <typename T>
-void sgd_vector(T* p, T* buf, const T* g, int64_t n, T lr, T momentum, T weight_decay) {
-  for (int64_t i = 0; i < n; ++i) {
-    T d = g[i] + weight_decay * p[i];
-    if (momentum != T(0)) d = buf[i] = momentum * buf[i] + d;
-    p[i] -= lr * d;
-  }
-}
-
-template <typename T>
-Tensor step(const Tensor& x_, const Tensor& target_, at::TensorList weights, at::TensorList biases,
-            at::TensorList wbufs, at::TensorList bbufs, T lr, T momentum, T weight_decay) {
+Tensor step(const char* op, const Tensor& x_, const Tensor& target_, at::TensorList weights, at::TensorList biases,
+            const std::vector<Update<T>>& updates) {
   const auto& k = table<T>();
   const Tensor x = x_.contiguous(), target = target_.contiguous();
   const int64_t M = x.size(0);
@@ -89,7 +83,7 @@ Tensor step(const Tensor& x_, const Tensor& target_, at::TensorList weights, at:
 
   const int64_t C = weights[L - 1].size(0);
   Tensor dz = at::empty({M, C}, opts);
-  const double loss = cross_entropy<T>(h[L].const_data_ptr<T>(), target.const_data_ptr<int64_t>(), M, C,
+  const double loss = cross_entropy<T>(op, h[L].const_data_ptr<T>(), target.const_data_ptr<int64_t>(), M, C,
                                        dz.mutable_data_ptr<T>());
 
   Tensor gb, partial;
@@ -99,8 +93,7 @@ Tensor step(const Tensor& x_, const Tensor& target_, at::TensorList weights, at:
     if (has_bias) {
       gb = at::empty({N}, opts);
       run_drelu_bias_grad<T>(k, M, N, dz.const_data_ptr<T>(), nullptr, 0, nullptr, gb.mutable_data_ptr<T>());
-      sgd_vector<T>(biases[l].mutable_data_ptr<T>(), momentum != T(0) ? bbufs[l].mutable_data_ptr<T>() : nullptr,
-                    gb.const_data_ptr<T>(), N, lr, momentum, weight_decay);
+      k.apply_update(updates[L + l], N, gb.const_data_ptr<T>());
     }
     Tensor dz_prev;
     if (l > 0) {  // dz of the layer below = (dz @ w) masked by that layer's ReLU; uses w before its update
@@ -113,7 +106,7 @@ Tensor step(const Tensor& x_, const Tensor& target_, at::TensorList weights, at:
       g.mask_in = masks[l - 1].const_data_ptr<uint8_t>(), g.ldm_in = div_up(K, 8);
       run_gemm(k, g);
     }
-    {  // w -= lr * momentum-update(dz.T @ h[l]) without materialising the gradient
+    {  // the update of w from dz.T @ h[l], without materialising the gradient
       Gemm<T> g;
       g.rows = N, g.cols = K, g.inner = M;
       g.a = dz.const_data_ptr<T>(), g.a_rs = 1, g.a_cs = N;
@@ -123,9 +116,7 @@ Tensor step(const Tensor& x_, const Tensor& target_, at::TensorList weights, at:
         g.c = partial.mutable_data_ptr<T>();
       }
       g.ldc = K;
-      g.sgd_param = weights[l].mutable_data_ptr<T>();
-      g.sgd_buf = momentum != T(0) ? wbufs[l].mutable_data_ptr<T>() : nullptr;
-      g.lr = lr, g.momentum = momentum, g.weight_decay = weight_decay;
+      g.update = updates[l];
       run_gemm(k, g);
     }
     dz = dz_prev;
@@ -136,15 +127,62 @@ Tensor step(const Tensor& x_, const Tensor& target_, at::TensorList weights, at:
 Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
                     at::TensorList wbufs, at::TensorList bbufs, double lr, double momentum, double weight_decay,
                     const std::optional<Tensor>& lr_scale) {
-  check_step_args(kOp, x, target, weights, biases, wbufs, bbufs, momentum, lr_scale);
+  check_step_args(kSgdOp, x, target, weights, biases, wbufs, bbufs, momentum, lr_scale);
   if (lr_scale.has_value()) lr *= lr_scale->item<double>();
-  if (x.scalar_type() == at::kDouble)
-    return step<double>(x, target, weights, biases, wbufs, bbufs, lr, momentum, weight_decay);
-  return step<float>(x, target, weights, biases, wbufs, bbufs, float(lr), float(momentum), float(weight_decay));
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const size_t L = weights.size();
+    std::vector<Update<T>> updates(L + biases.size());
+    for (size_t i = 0; i < updates.size(); ++i) {
+      Update<T>& u = updates[i];
+      u.kind = UpdateKind::kSgd;
+      u.param = (i < L ? weights[i] : biases[i - L]).template mutable_data_ptr<T>();
+      if (momentum != 0) u.buf = (i < L ? wbufs[i] : bbufs[i - L]).template mutable_data_ptr<T>();
+      u.lr = T(lr), u.momentum = T(momentum), u.weight_decay = T(weight_decay);
+    }
+    return step<T>(kSgdOp, x, target, weights, biases, updates);
+  };
+  return x.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
+}
+
+Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
+                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps, double lr,
+                     double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                     const std::optional<Tensor>& lr_scale) {
+  check_adam_args(kAdamOp, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, lr_scale);
+  if (lr_scale.has_value()) lr *= lr_scale->item<double>();
+  // Bias corrections from each parameter's own step count, in double as torch.optim.Adam computes
+  // them; the counts are written back only once the step has succeeded (a bad target throws first).
+  std::vector<double> t(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) t[i] = steps[i].item<double>() + 1;
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const size_t L = weights.size();
+    std::vector<Update<T>> updates(L + biases.size());
+    for (size_t i = 0; i < updates.size(); ++i) {
+      Update<T>& u = updates[i];
+      u.kind = UpdateKind::kAdam;
+      u.param = (i < L ? weights[i] : biases[i - L]).template mutable_data_ptr<T>();
+      u.buf = exp_avgs[i].template mutable_data_ptr<T>();
+      u.buf2 = exp_avg_sqs[i].template mutable_data_ptr<T>();
+      u.lr = T(lr), u.weight_decay = T(weight_decay), u.decoupled = decoupled_weight_decay;
+      u.decay_factor = T(1 - lr * weight_decay);
+      u.one_minus_beta1 = T(1 - beta1), u.beta2 = T(beta2), u.one_minus_beta2 = T(1 - beta2), u.eps = T(eps);
+      u.step_size = T(lr / (1 - std::pow(beta1, t[i])));
+      u.bc2_sqrt = T(std::sqrt(1 - std::pow(beta2, t[i])));
+    }
+    return step<T>(kAdamOp, x, target, weights, biases, updates);
+  };
+  Tensor loss = x.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
+  for (size_t i = 0; i < steps.size(); ++i) steps[i].fill_(t[i]);
+  return loss;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmlp, CPU, m) { m.impl("mlp_sgd_step", &mlp_sgd_step); }
+TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
+  m.impl("mlp_sgd_step", &mlp_sgd_step);
+  m.impl("mlp_adam_step", &mlp_adam_step);
+}
 
 }  // namespace fastmlp::cpu

@@ -25,6 +25,10 @@ struct VecAvx2F32 {
   static inline void store_n(T* p, reg x, int n) { _mm256_maskstore_ps(p, lanes_below(n), x); }
   static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static inline reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
+  static inline reg sqrt(reg a) { return _mm256_sqrt_ps(a); }
   static inline reg relu(reg a) { return _mm256_max_ps(_mm256_setzero_ps(), a); }
   static inline uint32_t gt0_bits(reg a) {
     return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GT_OQ)));
@@ -71,6 +75,10 @@ struct VecAvx2F64 {
   static inline void store_n(T* p, reg x, int n) { _mm256_maskstore_pd(p, lanes_below(n), x); }
   static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
   static inline reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }
+  static inline reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
+  static inline reg div(reg a, reg b) { return _mm256_div_pd(a, b); }
+  static inline reg sqrt(reg a) { return _mm256_sqrt_pd(a); }
   static inline reg relu(reg a) { return _mm256_max_pd(_mm256_setzero_pd(), a); }
   static inline uint32_t gt0_bits(reg a) {
     return uint32_t(_mm256_movemask_pd(_mm256_cmp_pd(a, _mm256_setzero_pd(), _CMP_GT_OQ)));

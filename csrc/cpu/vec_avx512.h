@@ -23,6 +23,10 @@ struct VecAvx512F32 {
   static inline void store_n(T* p, reg x, int n) { _mm512_mask_storeu_ps(p, lanes_below(n), x); }
   static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static inline reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
+  static inline reg sqrt(reg a) { return _mm512_sqrt_ps(a); }
   static inline reg relu(reg a) { return _mm512_max_ps(_mm512_setzero_ps(), a); }
   static inline uint32_t gt0_bits(reg a) {
     return _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
@@ -74,6 +78,10 @@ struct VecAvx512F64 {
   static inline void store_n(T* p, reg x, int n) { _mm512_mask_storeu_pd(p, lanes_below(n), x); }
   static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
   static inline reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm512_sub_pd(a, b); }
+  static inline reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
+  static inline reg div(reg a, reg b) { return _mm512_div_pd(a, b); }
+  static inline reg sqrt(reg a) { return _mm512_sqrt_pd(a); }
   static inline reg relu(reg a) { return _mm512_max_pd(_mm512_setzero_pd(), a); }
   static inline uint32_t gt0_bits(reg a) {
     return _mm512_cmp_pd_mask(a, _mm512_setzero_pd(), _CMP_GT_OQ);

@@ -2,6 +2,7 @@
 // and is the reference the wide ISAs are tested against.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace fastmlp::cpu::FASTMLP_ISA_NS {
@@ -48,6 +49,26 @@ struct VecGeneric {
   static inline reg add(const reg& a, const reg& b) {
     reg r;
     for (int l = 0; l < L; ++l) r.v[l] = a.v[l] + b.v[l];
+    return r;
+  }
+  static inline reg sub(const reg& a, const reg& b) {
+    reg r;
+    for (int l = 0; l < L; ++l) r.v[l] = a.v[l] - b.v[l];
+    return r;
+  }
+  static inline reg mul(const reg& a, const reg& b) {
+    reg r;
+    for (int l = 0; l < L; ++l) r.v[l] = a.v[l] * b.v[l];
+    return r;
+  }
+  static inline reg div(const reg& a, const reg& b) {
+    reg r;
+    for (int l = 0; l < L; ++l) r.v[l] = a.v[l] / b.v[l];
+    return r;
+  }
+  static inline reg sqrt(const reg& a) {
+    reg r;
+    for (int l = 0; l < L; ++l) r.v[l] = std::sqrt(a.v[l]);
     return r;
   }
   // max(0, x) that keeps NaN, like torch.relu.

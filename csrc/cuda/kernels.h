@@ -139,4 +139,39 @@ void sgd_update(const SgdTensor<float>* tensors, int count, float lr, const floa
 void sgd_update(const SgdTensor<double>* tensors, int count, double lr, const double* lr_scale, double momentum,
                 double weight_decay, const int32_t* skip, int num_sms, cudaStream_t stream);
 
+// torch.optim.Adam's update (AdamW's with `decoupled`; no AMSGrad) of many tensors in one launch, with
+// lr multiplied by *lr_scale when lr_scale is not null and nothing written when *skip != 0:
+//   if weight_decay: decoupled ? p *= 1 - lr * weight_decay : g += weight_decay * p
+//   m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g
+//   p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+// where t, this step's count, is read from the device (`step`, already advanced) or given (`t`).
+// 1 - beta is computed in double before rounding to T, as torch does (1 - float(0.999) is off by 1e-5).
+template <typename T>
+struct AdamHyper {
+  T lr;
+  double beta1, beta2;  // for the bias corrections
+  T one_minus_beta1, beta2_t, one_minus_beta2, eps, weight_decay;
+  bool decoupled;
+};
+struct StepCount {
+  void* p = nullptr;  // a float32 or float64 scalar on the device
+  bool is_double = false;
+};
+template <typename T>
+struct AdamTensor {
+  T* p = nullptr;
+  T* m = nullptr;  // exp_avg
+  T* v = nullptr;  // exp_avg_sq
+  const T* g = nullptr;
+  int64_t n = 0;
+  StepCount step;  // when step.p is null: t below
+  double t = 0;
+};
+void adam_update(const AdamTensor<float>* tensors, int count, const AdamHyper<float>& hyper, const float* lr_scale,
+                 const int32_t* skip, int num_sms, cudaStream_t stream);
+void adam_update(const AdamTensor<double>* tensors, int count, const AdamHyper<double>& hyper,
+                 const double* lr_scale, const int32_t* skip, int num_sms, cudaStream_t stream);
+// Adds one to each count, unless *skip != 0. One launch per 64 counts.
+void advance_steps(const StepCount* counts, int count, const int32_t* skip, cudaStream_t stream);
+
 }  // namespace fastmlp::cuda

@@ -11,6 +11,7 @@
 
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "checks.h"
 #include "ops_impl.h"
@@ -90,6 +91,24 @@ Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weight
                            lr_scale.has_value() ? lr_scale->contiguous() : Tensor());
 }
 
+Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
+                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps, double lr,
+                     double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                     const std::optional<Tensor>& lr_scale) {
+  constexpr const char* op = "fastmlp::mlp_adam_step";
+  check_cuda(op, x);
+  check_adam_args(op, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, lr_scale);
+  // Counts kept on the CPU (Adam without capturable) are read and written here, on the host.
+  std::vector<double> host_counts;
+  if (steps[0].is_cpu())
+    for (const Tensor& s : steps) host_counts.push_back(s.item<double>() + 1);
+  Tensor loss = mlp_adam_step_impl(x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, host_counts, lr, beta1,
+                                   beta2, eps, weight_decay, decoupled_weight_decay,
+                                   lr_scale.has_value() ? lr_scale->contiguous() : Tensor());
+  for (size_t i = 0; i < host_counts.size(); ++i) steps[i].fill_(host_counts[i]);
+  return loss;
+}
+
 }  // namespace
 
 // Registers the ops above for the CUDA dispatch key. Idempotent and thread-safe. The Library is
@@ -107,6 +126,7 @@ void register_cuda_kernels() {
   l->impl("linear_fwd", &linear_fwd);
   l->impl("linear_bwd", &linear_bwd);
   l->impl("mlp_sgd_step", &mlp_sgd_step);
+  l->impl("mlp_adam_step", &mlp_adam_step);
   lib = l.release();
 }
 

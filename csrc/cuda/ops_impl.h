@@ -13,6 +13,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace fastmlp::cuda {
 
@@ -28,5 +29,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_impl(const at::Tensor&
 at::Tensor mlp_sgd_step_impl(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
                              at::TensorList biases, at::TensorList wbufs, at::TensorList bbufs, double lr,
                              double momentum, double weight_decay, const at::Tensor& lr_scale);
+// steps: on the device, or on the CPU with host_counts holding each count + 1 (the count this step
+// uses; the caller writes them back). host_counts is empty for device steps.
+at::Tensor mlp_adam_step_impl(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+                              at::TensorList biases, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                              at::TensorList steps, const std::vector<double>& host_counts, double lr, double beta1,
+                              double beta2, double eps, double weight_decay, bool decoupled,
+                              const at::Tensor& lr_scale);
 
 }  // namespace fastmlp::cuda

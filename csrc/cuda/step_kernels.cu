@@ -1,5 +1,5 @@
-// The two kernels of the whole training step that are not GEMMs or the ReLU backward: the softmax
-// cross-entropy with its gradient, and the multi-tensor SGD update (interfaces: kernels.h).
+// The kernels of the whole training step that are not GEMMs or the ReLU backward: the softmax
+// cross-entropy with its gradient, and the multi-tensor SGD and Adam updates (interfaces: kernels.h).
 //
 // Both are deterministic: every sum has one fixed order that depends on the shapes alone.
 #include <c10/cuda/CUDAException.h>
@@ -10,6 +10,7 @@
 
 #include "common.cuh"
 #include "kernels.h"
+#include "step_kernels.cuh"
 
 namespace fastmlp::cuda {
 
@@ -90,48 +91,11 @@ void run_xent(int64_t rows, int64_t cols, const T* logits, const int64_t* target
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// ---- SGD update --------------------------------------------------------------------------------
-
-// Tensors per launch: the batch travels as a kernel argument, which must stay under 4 KiB.
-constexpr int kMaxSgdTensors = 48;
-
-template <typename T>
-struct SgdBatch {
-  SgdTensor<T> t[kMaxSgdTensors];
-  int64_t start[kMaxSgdTensors + 1];  // element offsets: tensor s holds [start[s], start[s + 1])
-  int count;
-};
-static_assert(sizeof(SgdBatch<double>) < 4000, "kernel arguments are limited to 4 KiB");
-
-template <typename T>
-__global__ void sgd_kernel(const SgdBatch<T> b, T lr, const T* lr_scale, T momentum, T weight_decay,
-                           const int32_t* skip) {
-  if (skip != nullptr && *skip != 0) return;
-  if (lr_scale != nullptr) lr *= *lr_scale;
-  const int64_t total = b.start[b.count];
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  int s = 0;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
-    while (idx >= b.start[s + 1]) ++s;  // idx only grows, so s only moves forward
-    const SgdTensor<T>& t = b.t[s];
-    const int64_t k = idx - b.start[s];
-    const T p = t.p[k];
-    T d = t.g[k] + weight_decay * p;
-    if (t.buf != nullptr) t.buf[k] = d = momentum * t.buf[k] + d;
-    t.p[k] = p - lr * d;
-  }
-}
-
 template <typename T>
 void run_sgd(const SgdTensor<T>* tensors, int count, T lr, const T* lr_scale, T momentum, T weight_decay,
              const int32_t* skip, int num_sms, cudaStream_t stream) {
   for (int first = 0; first < count; first += kMaxSgdTensors) {
-    SgdBatch<T> b{};
-    b.count = std::min(kMaxSgdTensors, count - first);
-    for (int s = 0; s < b.count; ++s) {
-      b.t[s] = tensors[first + s];
-      b.start[s + 1] = b.start[s] + b.t[s].n;
-    }
+    const auto b = make_batch<SgdBatch<T>>(tensors + first, std::min(kMaxSgdTensors, count - first));
     const int64_t total = b.start[b.count];
     if (total == 0) continue;
     constexpr int threads = 256;
@@ -141,7 +105,55 @@ void run_sgd(const SgdTensor<T>* tensors, int count, T lr, const T* lr_scale, T 
   }
 }
 
+template <typename T>
+void run_adam(const AdamTensor<T>* tensors, int count, const AdamHyper<T>& hyper, const T* lr_scale,
+              const int32_t* skip, int num_sms, cudaStream_t stream) {
+  for (int first = 0; first < count; first += kMaxAdamTensors) {
+    const auto b = make_batch<AdamBatch<T>>(tensors + first, std::min(kMaxAdamTensors, count - first));
+    const int64_t total = b.start[b.count];
+    if (total == 0) continue;
+    constexpr int threads = 256;
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(div_up(total, threads), 8LL * num_sms));
+    adam_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(b, hyper, lr_scale, skip);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Adam(capturable=True)'s step counts, advanced on the device before the update reads them.
+constexpr int kMaxCounts = 64;
+struct CountBatch {
+  StepCount c[kMaxCounts];
+  int count;
+};
+
+__global__ void advance_kernel(const CountBatch b, const int32_t* skip) {
+  if (skip != nullptr && *skip != 0) return;
+  const int i = threadIdx.x;
+  if (i >= b.count) return;
+  if (b.c[i].is_double) *static_cast<double*>(b.c[i].p) += 1.0;
+  else *static_cast<float*>(b.c[i].p) += 1.0f;
+}
+
 }  // namespace
+
+void adam_update(const AdamTensor<float>* tensors, int count, const AdamHyper<float>& hyper, const float* lr_scale,
+                 const int32_t* skip, int num_sms, cudaStream_t stream) {
+  run_adam(tensors, count, hyper, lr_scale, skip, num_sms, stream);
+}
+void adam_update(const AdamTensor<double>* tensors, int count, const AdamHyper<double>& hyper,
+                 const double* lr_scale, const int32_t* skip, int num_sms, cudaStream_t stream) {
+  run_adam(tensors, count, hyper, lr_scale, skip, num_sms, stream);
+}
+
+void advance_steps(const StepCount* counts, int count, const int32_t* skip, cudaStream_t stream) {
+  for (int first = 0; first < count; first += kMaxCounts) {
+    CountBatch b{};
+    b.count = std::min(kMaxCounts, count - first);
+    for (int i = 0; i < b.count; ++i) b.c[i] = counts[first + i];
+    advance_kernel<<<1, kMaxCounts, 0, stream>>>(b, skip);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
 
 void softmax_xent(int64_t rows, int64_t cols, const float* logits, const int64_t* target, float* dz,
                   float* gb, float* loss, int32_t* bad, cudaStream_t stream) {

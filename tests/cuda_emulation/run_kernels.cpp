@@ -15,6 +15,7 @@
 #include "cuda/gemm_simt.cuh"
 #include "cuda/gemm_tc.cuh"
 #include "cuda/drelu_bias_grad.cuh"
+#include "cuda/step_kernels.cuh"
 // clang-format on
 
 #include <array>
@@ -322,6 +323,132 @@ void drelu_suite(bool quick, std::mt19937& rng) {
       }
 }
 
+// ---- multi-tensor optimizer updates (step_kernels.cuh) ---------------------------------------------
+
+// Every element of every tensor must be updated exactly once, with its own tensor's state and step
+// count: tensors of odd sizes (and empty ones) in one batch, spread over blocks and grid-stride
+// rounds. The expected values apply the same formula element by element in the same precision, so
+// they must match bit for bit; with the skip flag set nothing may change.
+template <class T>
+std::vector<int64_t> tensor_sizes(int count, std::mt19937& rng) {
+  std::uniform_int_distribution<int> d(0, 300);
+  std::vector<int64_t> n(static_cast<size_t>(count));
+  for (int i = 0; i < count; ++i) n[size_t(i)] = i % 7 == 3 ? 0 : d(rng);
+  return n;
+}
+
+template <class T>
+void check_sgd(int count, unsigned blocks, bool skip, std::mt19937& rng) {
+  const std::vector<int64_t> n = tensor_sizes<T>(count, rng);
+  std::vector<std::vector<T>> p(static_cast<size_t>(count)), buf(static_cast<size_t>(count)), g(static_cast<size_t>(count));
+  std::vector<SgdTensor<T>> ts(static_cast<size_t>(count));
+  for (int i = 0; i < count; ++i) {
+    p[size_t(i)] = grid_data<T>(size_t(n[size_t(i)]), 0.5, rng);
+    g[size_t(i)] = grid_data<T>(size_t(n[size_t(i)]), 0.25, rng);
+    if (i % 2 == 0) buf[size_t(i)] = grid_data<T>(size_t(n[size_t(i)]), 0.125, rng);  // odd ones: momentum 0
+    ts[size_t(i)] = {p[size_t(i)].data(), i % 2 == 0 ? buf[size_t(i)].data() : nullptr, g[size_t(i)].data(), n[size_t(i)]};
+  }
+  const T lr = T(0.1), scale = T(0.5), momentum = T(0.9), decay = T(0.01);
+  auto want_p = p, want_buf = buf;
+  if (!skip)
+    for (int i = 0; i < count; ++i)
+      for (int64_t k = 0; k < n[size_t(i)]; ++k) {
+        T& pk = want_p[size_t(i)][size_t(k)];
+        T d = g[size_t(i)][size_t(k)] + decay * pk;
+        if (i % 2 == 0) want_buf[size_t(i)][size_t(k)] = d = momentum * want_buf[size_t(i)][size_t(k)] + d;
+        pk = pk - (lr * scale) * d;
+      }
+  const int32_t flag = skip ? 1 : 0;
+  const auto b = make_batch<SgdBatch<T>>(ts.data(), count);
+  emu::launch(dim3(blocks), dim3(64), [&] { sgd_kernel<T>(b, lr, &scale, momentum, decay, &flag); },
+              emu::Order::Random, 9);
+  size_t bad = 0;
+  for (int i = 0; i < count; ++i)
+    for (int64_t k = 0; k < n[size_t(i)]; ++k) {
+      bad += !same_bits(p[size_t(i)][size_t(k)], want_p[size_t(i)][size_t(k)]);
+      if (i % 2 == 0) bad += !same_bits(buf[size_t(i)][size_t(k)], want_buf[size_t(i)][size_t(k)]);
+    }
+  char what[160];
+  std::snprintf(what, sizeof what, "sgd_kernel %s tensors=%d blocks=%u skip=%d: %zu bad", type_name<T>(), count,
+                blocks, skip, bad);
+  report(bad == 0, what);
+}
+
+template <class T>
+void check_adam(int count, unsigned blocks, bool skip, bool decoupled, bool device_counts, std::mt19937& rng) {
+  const std::vector<int64_t> n = tensor_sizes<T>(count, rng);
+  std::vector<std::vector<T>> p(static_cast<size_t>(count)), m(static_cast<size_t>(count)), v(static_cast<size_t>(count)), g(static_cast<size_t>(count));
+  std::vector<float> fcount(static_cast<size_t>(count));
+  std::vector<double> dcount(static_cast<size_t>(count));
+  std::vector<AdamTensor<T>> ts(static_cast<size_t>(count));
+  for (int i = 0; i < count; ++i) {
+    const size_t e = size_t(n[size_t(i)]);
+    p[size_t(i)] = grid_data<T>(e, 0.5, rng);
+    g[size_t(i)] = grid_data<T>(e, 0.25, rng);
+    m[size_t(i)] = grid_data<T>(e, 0.125, rng);
+    v[size_t(i)] = grid_data<T>(e, 0.125, rng);
+    for (auto& x : v[size_t(i)]) x = x < T(0) ? -x : x;  // a second moment is never negative
+    AdamTensor<T>& at = ts[size_t(i)];
+    at.p = p[size_t(i)].data(), at.m = m[size_t(i)].data(), at.v = v[size_t(i)].data(), at.g = g[size_t(i)].data();
+    at.n = n[size_t(i)];
+    const double t = 1 + i % 5;  // each tensor its own count, as torch keeps them
+    if (device_counts) {  // counts the kernel reads, float or double like Adam's state['step']
+      fcount[size_t(i)] = float(t);
+      dcount[size_t(i)] = t;
+      at.step = i % 2 ? StepCount{&dcount[size_t(i)], true} : StepCount{&fcount[size_t(i)], false};
+    } else {
+      at.t = t;
+    }
+  }
+  AdamHyper<T> h{.lr = T(0.01), .beta1 = 0.9, .beta2 = 0.999, .one_minus_beta1 = T(1 - 0.9), .beta2_t = T(0.999),
+                 .one_minus_beta2 = T(1 - 0.999), .eps = T(1e-8), .weight_decay = T(0.1), .decoupled = decoupled};
+  const T scale = T(0.5);
+  auto want_p = p, want_m = m, want_v = v;
+  if (!skip)
+    for (int i = 0; i < count; ++i) {
+      const T lr = h.lr * scale;
+      const double t = 1 + i % 5;
+      const T step_size = T(double(lr) / (1.0 - std::pow(h.beta1, t)));
+      const T bc2_sqrt = T(std::sqrt(1.0 - std::pow(h.beta2, t)));
+      for (int64_t k = 0; k < n[size_t(i)]; ++k) {
+        T pk = want_p[size_t(i)][size_t(k)], gk = g[size_t(i)][size_t(k)];
+        if (decoupled) pk *= T(1.0 - double(lr) * double(h.weight_decay));
+        else gk += h.weight_decay * pk;
+        T mk = want_m[size_t(i)][size_t(k)], vk = want_v[size_t(i)][size_t(k)];
+        mk += h.one_minus_beta1 * (gk - mk);
+        vk = vk * h.beta2_t + h.one_minus_beta2 * gk * gk;
+        want_m[size_t(i)][size_t(k)] = mk;
+        want_v[size_t(i)][size_t(k)] = vk;
+        want_p[size_t(i)][size_t(k)] = pk - step_size * (mk / (std::sqrt(vk) / bc2_sqrt + h.eps));
+      }
+    }
+  const int32_t flag = skip ? 1 : 0;
+  const auto b = make_batch<AdamBatch<T>>(ts.data(), count);
+  emu::launch(dim3(blocks), dim3(64), [&] { adam_kernel<T>(b, h, &scale, &flag); }, emu::Order::Random, 11);
+  size_t bad = 0;
+  for (int i = 0; i < count; ++i)
+    for (int64_t k = 0; k < n[size_t(i)]; ++k)
+      bad += !same_bits(p[size_t(i)][size_t(k)], want_p[size_t(i)][size_t(k)]) +
+             !same_bits(m[size_t(i)][size_t(k)], want_m[size_t(i)][size_t(k)]) +
+             !same_bits(v[size_t(i)][size_t(k)], want_v[size_t(i)][size_t(k)]);
+  char what[200];
+  std::snprintf(what, sizeof what, "adam_kernel %s tensors=%d blocks=%u skip=%d decoupled=%d device_counts=%d: %zu bad",
+                type_name<T>(), count, blocks, skip, decoupled, device_counts, bad);
+  report(bad == 0, what);
+}
+
+template <class T>
+void update_suite(bool quick, std::mt19937& rng) {
+  for (int count : {1, 5, quick ? 9 : kMaxAdamTensors})
+    for (unsigned blocks : {1u, 3u}) {
+      check_sgd<T>(count, blocks, false, rng);
+      for (int variant = 0; variant < 4; ++variant) check_adam<T>(count, blocks, false, variant & 1, variant & 2, rng);
+    }
+  check_sgd<T>(5, 2, true, rng);
+  check_adam<T>(5, 2, true, true, true, rng);
+  if (!quick) check_sgd<T>(kMaxSgdTensors, 4, false, rng);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -347,6 +474,9 @@ int main(int argc, char** argv) {
   drelu_suite<double>(quick, rng);
   drelu_suite<__half>(quick, rng);
   drelu_suite<__nv_bfloat16>(quick, rng);
+
+  update_suite<float>(quick, rng);
+  update_suite<double>(quick, rng);
 
   std::printf("%d checks, %d failures, %llu block barriers emulated\n", g_checks, g_failures,
               (unsigned long long)emu::g_barriers);
