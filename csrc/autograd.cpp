@@ -67,6 +67,45 @@ struct Linear : public torch::autograd::Function<Linear> {
   }
 };
 
+// The backward ops are not differentiable: double backward (create_graph=True through a fused
+// layer) is refused with a clear error at the second backward, instead of passing through autograd's
+// deprecated not-implemented fallback.
+constexpr const char* kNoDoubleBackward =
+    "fastmlp: double backward (a gradient of a gradient through a fused layer, e.g. create_graph=True "
+    "followed by a second backward) is not supported; use nn.Linear for that layer";
+
+struct LinearReLUBackward : public torch::autograd::Function<LinearReLUBackward> {
+  static variable_list forward(AutogradContext*, const Tensor& gy, const Tensor& x, const Tensor& w, const Tensor& mask,
+                               Needs n) {
+    static auto bwd = op<BwdReLU>("fastmlp::linear_relu_bwd");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gx, gw, gb] = bwd.call(gy, x, w, mask, n);
+    return {gx, gw, gb};
+  }
+  static variable_list backward(AutogradContext*, variable_list) { TORCH_CHECK(false, kNoDoubleBackward); }
+};
+
+struct LinearBackward : public torch::autograd::Function<LinearBackward> {
+  static variable_list forward(AutogradContext*, const Tensor& gy, const Tensor& x, const Tensor& w, Needs n) {
+    static auto bwd = op<Bwd>("fastmlp::linear_bwd");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gx, gw, gb] = bwd.call(gy, x, w, n);
+    return {gx, gw, gb};
+  }
+  static variable_list backward(AutogradContext*, variable_list) { TORCH_CHECK(false, kNoDoubleBackward); }
+};
+
+std::tuple<Tensor, Tensor, Tensor> linear_relu_bwd_autograd(const Tensor& gy, const Tensor& x, const Tensor& w,
+                                                            const Tensor& mask, Needs n) {
+  auto g = LinearReLUBackward::apply(gy, x, w, mask, n);
+  return {g[0], g[1], g[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_bwd_autograd(const Tensor& gy, const Tensor& x, const Tensor& w, Needs n) {
+  auto g = LinearBackward::apply(gy, x, w, n);
+  return {g[0], g[1], g[2]};
+}
+
 std::tuple<Tensor, Tensor> linear_relu_fwd_autograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
   auto out = LinearReLU::apply(x, w, b);
   return {out[0], out[1]};
@@ -81,6 +120,8 @@ Tensor linear_fwd_autograd(const Tensor& x, const Tensor& w, const std::optional
 TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
   m.impl("linear_relu_fwd", &linear_relu_fwd_autograd);
   m.impl("linear_fwd", &linear_fwd_autograd);
+  m.impl("linear_relu_bwd", &linear_relu_bwd_autograd);
+  m.impl("linear_bwd", &linear_bwd_autograd);
 }
 
 }  // namespace fastmlp

@@ -200,3 +200,17 @@ if _C is None:
         "fastmlp::linear_relu_fwd", _backward_linear_relu, setup_context=_setup_linear_relu
     )
     torch.library.register_autograd("fastmlp::linear_fwd", _backward_linear, setup_context=_setup_linear)
+
+NO_DOUBLE_BACKWARD = (
+    "fastmlp: double backward (a gradient of a gradient through a fused layer, e.g. create_graph=True "
+    "followed by a second backward) is not supported; use nn.Linear for that layer"
+)
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(NO_DOUBLE_BACKWARD)
+
+
+if _C is None:  # the compiled extension refuses in C++ (csrc/autograd.cpp)
+    for _name in ("fastmlp::linear_relu_bwd", "fastmlp::linear_bwd"):
+        torch.library.register_autograd(_name, _refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
