@@ -61,29 +61,11 @@ class CUDAGraphStep:
         self.captures = 0  # how many times the step was captured (for tests and the curious)
 
     def _args(self):
-        """The op's arguments after x, target and before lr_scale (lr set to 1: the learning rate comes
+        """The op, its arguments between x, target and lr_scale (lr set to 1: the learning rate comes
         from lr_scale), the learning rate, and the key that says whether the captured graph still applies."""
-        weights, biases, group = self.model._step_params(self.optimizer, self.kind)
-        if self.kind == "sgd":
-            momentum = float(group["momentum"])
-            wbufs, bbufs = [], []
-            if momentum != 0:
-                state = self.optimizer.state
-                wbufs = [FusedMLP._momentum_buffer(state, w) for w in weights]
-                bbufs = [FusedMLP._momentum_buffer(state, b) for b in biases]
-            tensors = weights + biases + wbufs + bbufs
-            hyper = (momentum, float(group["weight_decay"]))
-            args = (weights, biases, wbufs, bbufs, 1.0, *hyper)
-        else:
-            states = [FusedMLP._adam_state(self.optimizer, group, p) for p in weights + biases]
-            m, v, steps = ([s[k] for s in states] for k in ("exp_avg", "exp_avg_sq", "step"))
-            beta1, beta2 = group["betas"]
-            tensors = weights + biases + m + v + steps
-            hyper = (float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                     bool(group.get("decoupled_weight_decay", False)))
-            args = (weights, biases, m, v, steps, 1.0, *hyper)
-        key = (hyper, tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors))
-        return args, float(group["lr"]), key
+        op, tensors, lr, hyper = self.model._step_args(self.optimizer, self.kind)
+        key = (hyper, tuple((t.data_ptr(), t.dtype, t.shape) for ts in tensors for t in ts))
+        return op, (*tensors, 1.0, *hyper), lr, key
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[0] != self.batch_size:
@@ -98,9 +80,9 @@ class CUDAGraphStep:
                 f"CUDAGraphStep: target must be an int64 tensor of shape ({self.batch_size},) on "
                 f"{self._y.device}, got {target.dtype} {tuple(target.shape)} on {target.device}"
             )
-        args, lr, key = self._args()
+        op, args, lr, key = self._args()
         if key != self._key:
-            self._capture(args)
+            self._capture(op, args)
             self._key = key
         if lr != self._lr_value:
             self._lr.fill_(lr)
@@ -110,10 +92,9 @@ class CUDAGraphStep:
         self._graph.replay()
         return self._loss
 
-    def _capture(self, args):
+    def _capture(self, op, args):
         self._graph = self._loss = None  # frees the previous graph's memory pool first
         graph = torch.cuda.CUDAGraph()
-        op = torch.ops.fastmlp.mlp_sgd_step if self.kind == "sgd" else torch.ops.fastmlp.mlp_adam_step
         # Capture records the launches without running them: nothing is updated here. The capture
         # stream must belong to the model's device, which need not be the current one.
         with torch.cuda.device(self._x.device), torch.cuda.graph(graph):

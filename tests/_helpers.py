@@ -11,6 +11,15 @@ DEVICES = [
 ]
 
 
+def torch_train_step(model, opt, x, y):
+    """The ordinary step the fused ones must equal: cross-entropy, backward, optimizer step; the loss."""
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def cpu_isas():
     info = fastmlp.backend_info()
     return info.get("supported_cpu_isas", ["fallback"])

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastmlp
-from _helpers import DEVICES, cpu_isas
+from _helpers import DEVICES, cpu_isas, torch_train_step
 
 CONFIGS = {
     "adam": (torch.optim.Adam, dict(lr=1e-2)),
@@ -19,14 +18,6 @@ def _twins(sizes, dtype, device, cls, bias=True, **hyper):
     fused = fastmlp.FusedMLP(sizes, bias=bias, dtype=dtype, device=device)
     plain = fused.to_torch()
     return (fused, cls(fused.parameters(), **hyper)), (plain, cls(plain.parameters(), **hyper))
-
-
-def _plain_step(model, opt, x, y):
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return loss.detach()
 
 
 def _tol(dtype):
@@ -74,10 +65,10 @@ def test_adam_step_matches_autograd_and_torch_adam(device, sizes, config, batch)
     for _ in range(steps):
         x = torch.randn(batch, sizes[0], dtype=torch.float64, device=device)
         y = torch.randint(0, sizes[-1], (batch,), device=device)
-        loss = _plain_step(plain, popt, x, y)  # the float64 truth
+        loss = torch_train_step(plain, popt, x, y)  # the float64 truth
         torch.testing.assert_close(fused.adam_step(x, y, fopt), loss, **_tol(torch.float64))
         torch.testing.assert_close(fused32.adam_step(x.float(), y, fopt32).double(), loss, rtol=1e-4, atol=1e-5)
-        _plain_step(plain32, popt32, x.float(), y)
+        torch_train_step(plain32, popt32, x.float(), y)
     _assert_same_state(fused, fopt, plain, popt, _tol(torch.float64))
     allowance = 2e-3 * hyper["lr"] * steps
     for i, (a, b, t) in enumerate(zip(fused32.parameters(), plain32.parameters(), plain.parameters())):
@@ -97,7 +88,7 @@ def test_adam_step_every_cpu_isa(isa, batch):
                                               weight_decay=1e-2)
         for _ in range(3):
             x, y = torch.randn(batch, 70), torch.randint(0, 10, (batch,))
-            torch.testing.assert_close(fused.adam_step(x, y, fopt), _plain_step(plain, popt, x, y), **_tol(x.dtype))
+            torch.testing.assert_close(fused.adam_step(x, y, fopt), torch_train_step(plain, popt, x, y), **_tol(x.dtype))
         _assert_same_state(fused, fopt, plain, popt, _tol(torch.float32))
     finally:
         fastmlp.set_cpu_isa("auto")
@@ -110,7 +101,7 @@ def test_adam_step_with_step_counts_on_the_device(device):
                                           capturable=True)
     for _ in range(3):
         x, y = torch.randn(10, 12, device=device), torch.randint(0, 3, (10,), device=device)
-        torch.testing.assert_close(fused.adam_step(x, y, fopt), _plain_step(plain, popt, x, y))
+        torch.testing.assert_close(fused.adam_step(x, y, fopt), torch_train_step(plain, popt, x, y))
     assert fopt.state[fused[0].weight]["step"].device.type == device
     _assert_same_state(fused, fopt, plain, popt, _tol(torch.float32))
 
@@ -118,15 +109,15 @@ def test_adam_step_with_step_counts_on_the_device(device):
 def test_adam_step_mixes_with_ordinary_steps_and_checkpoints():
     (fused, fopt), (plain, popt) = _twins([12, 6, 3], torch.float32, "cpu", torch.optim.Adam, lr=1e-2)
     x, y = torch.randn(10, 12), torch.randint(0, 3, (10,))
-    _plain_step(fused, fopt, x, y)  # torch starts the state
+    torch_train_step(fused, fopt, x, y)  # torch starts the state
     fused.adam_step(x, y, fopt)
     saved = fopt.state_dict()
     fopt2 = torch.optim.Adam(fused.parameters(), lr=1e-2)
     fopt2.load_state_dict(saved)  # new state tensors: the cached validation must not keep the old ones
     fused.adam_step(x, y, fopt2)
-    _plain_step(fused, fopt2, x, y)
+    torch_train_step(fused, fopt2, x, y)
     for _ in range(4):
-        _plain_step(plain, popt, x, y)
+        torch_train_step(plain, popt, x, y)
     _assert_same_state(fused, fopt2, plain, popt, _tol(torch.float32))
 
 
@@ -135,7 +126,7 @@ def test_train_step_picks_the_op():
     for cls, hyper in [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)), (torch.optim.AdamW, dict(lr=1e-2))]:
         (fused, fopt), (plain, popt) = _twins([12, 6, 3], torch.float32, "cpu", cls, **hyper)
         for _ in range(2):
-            torch.testing.assert_close(fused.train_step(x, y, fopt), _plain_step(plain, popt, x, y))
+            torch.testing.assert_close(fused.train_step(x, y, fopt), torch_train_step(plain, popt, x, y))
     with pytest.raises(TypeError, match="needs a torch.optim.SGD, Adam or AdamW optimizer, got RMSprop"):
         fused.train_step(x, y, torch.optim.RMSprop(fused.parameters()))
 

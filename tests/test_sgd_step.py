@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastmlp
-from _helpers import DEVICES, cpu_isas
+from _helpers import DEVICES, cpu_isas, torch_train_step
 
 
 def _twins(sizes, dtype, device, bias=True, **sgd):
@@ -13,14 +12,6 @@ def _twins(sizes, dtype, device, bias=True, **sgd):
     fused = fastmlp.FusedMLP(sizes, bias=bias, dtype=dtype, device=device)
     plain = fused.to_torch()
     return (fused, torch.optim.SGD(fused.parameters(), **sgd)), (plain, torch.optim.SGD(plain.parameters(), **sgd))
-
-
-def _plain_step(model, opt, x, y):
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return loss.detach()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -38,7 +29,7 @@ def test_sgd_step_matches_autograd_and_torch_sgd(device, dtype, sizes, sgd, batc
     for _ in range(5):
         x = torch.randn(batch, sizes[0], dtype=dtype, device=device)
         y = torch.randint(0, sizes[-1], (batch,), device=device)
-        torch.testing.assert_close(fused.sgd_step(x, y, fopt), _plain_step(plain, popt, x, y), **tol)
+        torch.testing.assert_close(fused.sgd_step(x, y, fopt), torch_train_step(plain, popt, x, y), **tol)
     for a, b in zip(fused.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, **tol)
     # The optimizer state is torch's own: it can be saved, loaded and stepped normally afterwards.
@@ -61,7 +52,7 @@ def test_sgd_step_every_cpu_isa(isa, dtype, batch):
         tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-6)
         for _ in range(3):
             x, y = torch.randn(batch, 70, dtype=dtype), torch.randint(0, 10, (batch,))
-            torch.testing.assert_close(fused.sgd_step(x, y, fopt), _plain_step(plain, popt, x, y), **tol)
+            torch.testing.assert_close(fused.sgd_step(x, y, fopt), torch_train_step(plain, popt, x, y), **tol)
         for a, b in zip(fused.parameters(), plain.parameters()):
             torch.testing.assert_close(a, b, **tol)
             torch.testing.assert_close(fopt.state[a]["momentum_buffer"], popt.state[b]["momentum_buffer"], **tol)
@@ -74,7 +65,7 @@ def test_sgd_step_without_bias():
     x, y = torch.randn(16, 20), torch.randint(0, 4, (16,))
     for _ in range(3):
         fused.sgd_step(x, y, fopt)
-        _plain_step(plain, popt, x, y)
+        torch_train_step(plain, popt, x, y)
     for a, b in zip(fused.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b)
 
@@ -82,10 +73,10 @@ def test_sgd_step_without_bias():
 def test_sgd_step_mixes_with_ordinary_steps():
     (fused, fopt), (plain, popt) = _twins([12, 6, 3], torch.float32, "cpu", lr=0.1, momentum=0.9)
     x, y = torch.randn(10, 12), torch.randint(0, 3, (10,))
-    _plain_step(fused, fopt, x, y)  # torch starts the momentum buffers
+    torch_train_step(fused, fopt, x, y)  # torch starts the momentum buffers
     fused.sgd_step(x, y, fopt)
     for _ in range(2):
-        _plain_step(plain, popt, x, y)
+        torch_train_step(plain, popt, x, y)
     for a, b in zip(fused.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b)
 
@@ -97,7 +88,7 @@ def test_sgd_step_follows_changes_to_optimizer_and_model():
     for change in [None, ("momentum", 0.5), ("weight_decay", 1e-2), ("lr", 0.05), ("momentum", 0.0)]:
         if change:
             fopt.param_groups[0][change[0]] = popt.param_groups[0][change[0]] = change[1]
-        torch.testing.assert_close(fused.sgd_step(x, y, fopt), _plain_step(plain, popt, x, y))
+        torch.testing.assert_close(fused.sgd_step(x, y, fopt), torch_train_step(plain, popt, x, y))
     for a, b in zip(fused.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b)
     fopt.param_groups[0]["nesterov"] = True

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -124,25 +125,36 @@ Tensor step(const char* op, const Tensor& x_, const Tensor& target_, at::TensorL
   return at::scalar_tensor(loss, opts);
 }
 
-Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
-                    at::TensorList wbufs, at::TensorList bbufs, double lr, double momentum, double weight_decay,
-                    const std::optional<Tensor>& lr_scale) {
-  check_step_args(kSgdOp, x, target, weights, biases, wbufs, bbufs, momentum, lr_scale);
-  if (lr_scale.has_value()) lr *= lr_scale->item<double>();
+// The step in x's dtype with one update of `kind` per parameter (the weights, then the biases):
+// fill(u, i) sets the optimizer's fields of parameter i's update once its kind and param are set.
+template <class Fill>
+Tensor run_step(const char* op, UpdateKind kind, const Tensor& x, const Tensor& target, at::TensorList weights,
+                at::TensorList biases, Fill fill) {
   auto run = [&](auto zero) {
     using T = decltype(zero);
     const size_t L = weights.size();
     std::vector<Update<T>> updates(L + biases.size());
     for (size_t i = 0; i < updates.size(); ++i) {
-      Update<T>& u = updates[i];
-      u.kind = UpdateKind::kSgd;
-      u.param = (i < L ? weights[i] : biases[i - L]).template mutable_data_ptr<T>();
-      if (momentum != 0) u.buf = (i < L ? wbufs[i] : bbufs[i - L]).template mutable_data_ptr<T>();
-      u.lr = T(lr), u.momentum = T(momentum), u.weight_decay = T(weight_decay);
+      updates[i].kind = kind;
+      updates[i].param = (i < L ? weights[i] : biases[i - L]).template mutable_data_ptr<T>();
+      fill(updates[i], i);
     }
-    return step<T>(kSgdOp, x, target, weights, biases, updates);
+    return step<T>(op, x, target, weights, biases, updates);
   };
   return x.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
+}
+
+Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
+                    at::TensorList wbufs, at::TensorList bbufs, double lr, double momentum, double weight_decay,
+                    const std::optional<Tensor>& lr_scale) {
+  check_step_args(kSgdOp, x, target, weights, biases, wbufs, bbufs, momentum, lr_scale);
+  if (lr_scale.has_value()) lr *= lr_scale->item<double>();
+  const size_t L = weights.size();
+  return run_step(kSgdOp, UpdateKind::kSgd, x, target, weights, biases, [&](auto& u, size_t i) {
+    using T = std::remove_pointer_t<decltype(u.param)>;
+    if (momentum != 0) u.buf = (i < L ? wbufs[i] : bbufs[i - L]).template mutable_data_ptr<T>();
+    u.lr = T(lr), u.momentum = T(momentum), u.weight_decay = T(weight_decay);
+  });
 }
 
 Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
@@ -155,25 +167,16 @@ Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weigh
   // them; the counts are written back only once the step has succeeded (a bad target throws first).
   std::vector<double> t(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) t[i] = steps[i].item<double>() + 1;
-  auto run = [&](auto zero) {
-    using T = decltype(zero);
-    const size_t L = weights.size();
-    std::vector<Update<T>> updates(L + biases.size());
-    for (size_t i = 0; i < updates.size(); ++i) {
-      Update<T>& u = updates[i];
-      u.kind = UpdateKind::kAdam;
-      u.param = (i < L ? weights[i] : biases[i - L]).template mutable_data_ptr<T>();
-      u.buf = exp_avgs[i].template mutable_data_ptr<T>();
-      u.buf2 = exp_avg_sqs[i].template mutable_data_ptr<T>();
-      u.lr = T(lr), u.weight_decay = T(weight_decay), u.decoupled = decoupled_weight_decay;
-      u.decay_factor = T(1 - lr * weight_decay);
-      u.one_minus_beta1 = T(1 - beta1), u.beta2 = T(beta2), u.one_minus_beta2 = T(1 - beta2), u.eps = T(eps);
-      u.step_size = T(lr / (1 - std::pow(beta1, t[i])));
-      u.bc2_sqrt = T(std::sqrt(1 - std::pow(beta2, t[i])));
-    }
-    return step<T>(kAdamOp, x, target, weights, biases, updates);
-  };
-  Tensor loss = x.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
+  Tensor loss = run_step(kAdamOp, UpdateKind::kAdam, x, target, weights, biases, [&](auto& u, size_t i) {
+    using T = std::remove_pointer_t<decltype(u.param)>;
+    u.buf = exp_avgs[i].template mutable_data_ptr<T>();
+    u.buf2 = exp_avg_sqs[i].template mutable_data_ptr<T>();
+    u.lr = T(lr), u.weight_decay = T(weight_decay), u.decoupled = decoupled_weight_decay;
+    u.decay_factor = T(1 - lr * weight_decay);
+    u.one_minus_beta1 = T(1 - beta1), u.beta2 = T(beta2), u.one_minus_beta2 = T(1 - beta2), u.eps = T(eps);
+    u.step_size = T(lr / (1 - std::pow(beta1, t[i])));
+    u.bc2_sqrt = T(std::sqrt(1 - std::pow(beta2, t[i])));
+  });
   for (size_t i = 0; i < steps.size(); ++i) steps[i].fill_(t[i]);
   return loss;
 }

@@ -91,32 +91,36 @@ void run_xent(int64_t rows, int64_t cols, const T* logits, const int64_t* target
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void run_sgd(const SgdTensor<T>* tensors, int count, T lr, const T* lr_scale, T momentum, T weight_decay,
-             const int32_t* skip, int num_sms, cudaStream_t stream) {
-  for (int first = 0; first < count; first += kMaxSgdTensors) {
-    const auto b = make_batch<SgdBatch<T>>(tensors + first, std::min(kMaxSgdTensors, count - first));
+// Cuts `tensors` into batches of up to kMax and calls launch(batch, blocks) for each non-empty one,
+// with a grid of at most 8 blocks of kUpdateThreads per SM (the kernels loop over the rest).
+constexpr int kUpdateThreads = 256;
+
+template <class Batch, int kMax, class Tensor, class Launch>
+void for_each_batch(const Tensor* tensors, int count, int num_sms, Launch launch) {
+  for (int first = 0; first < count; first += kMax) {
+    const auto b = make_batch<Batch>(tensors + first, std::min(kMax, count - first));
     const int64_t total = b.start[b.count];
     if (total == 0) continue;
-    constexpr int threads = 256;
-    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(div_up(total, threads), 8LL * num_sms));
-    sgd_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(b, lr, lr_scale, momentum, weight_decay, skip);
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(div_up(total, kUpdateThreads), 8LL * num_sms));
+    launch(b, static_cast<unsigned>(blocks));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename T>
+void run_sgd(const SgdTensor<T>* tensors, int count, T lr, const T* lr_scale, T momentum, T weight_decay,
+             const int32_t* skip, int num_sms, cudaStream_t stream) {
+  for_each_batch<SgdBatch<T>, kMaxSgdTensors>(tensors, count, num_sms, [&](const SgdBatch<T>& b, unsigned blocks) {
+    sgd_kernel<T><<<blocks, kUpdateThreads, 0, stream>>>(b, lr, lr_scale, momentum, weight_decay, skip);
+  });
+}
+
+template <typename T>
 void run_adam(const AdamTensor<T>* tensors, int count, const AdamHyper<T>& hyper, const T* lr_scale,
               const int32_t* skip, int num_sms, cudaStream_t stream) {
-  for (int first = 0; first < count; first += kMaxAdamTensors) {
-    const auto b = make_batch<AdamBatch<T>>(tensors + first, std::min(kMaxAdamTensors, count - first));
-    const int64_t total = b.start[b.count];
-    if (total == 0) continue;
-    constexpr int threads = 256;
-    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(div_up(total, threads), 8LL * num_sms));
-    adam_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(b, hyper, lr_scale, skip);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  for_each_batch<AdamBatch<T>, kMaxAdamTensors>(tensors, count, num_sms, [&](const AdamBatch<T>& b, unsigned blocks) {
+    adam_kernel<T><<<blocks, kUpdateThreads, 0, stream>>>(b, hyper, lr_scale, skip);
+  });
 }
 
 // Adam(capturable=True)'s step counts, advanced on the device before the update reads them.
