@@ -73,6 +73,18 @@ struct GemmImpl {
     int64_t j0;
   };
 
+  // The mask bits of one tile row (ncols <= NRW columns from a whole byte: tiles start at multiples
+  // of NRW), read once rather than per vector; bits past ncols are zero.
+  static uint64_t tile_bits(const uint8_t* row, int ncols) {
+    uint64_t w = 0;
+    if (ncols == NRW) {
+      for (int k = 0; k < NRW / 8; ++k) w |= uint64_t(row[k]) << (8 * k);  // compiled to one load
+      return w;
+    }
+    for (int k = 0; k < (ncols + 7) / 8; ++k) w |= uint64_t(row[k]) << (8 * k);
+    return w & low_bits(ncols);
+  }
+
   // TAIL: B is read in place and its last vector holds fewer than L columns.
   template <int R, int Q, bool TAIL>
   static void tile(const Tile& t) {
@@ -100,13 +112,14 @@ struct GemmImpl {
 
     for (int r = 0; r < R; ++r) {
       uint64_t bits = 0;
+      const uint64_t in_bits = t.final && t.mask_in ? tile_bits(t.mask_in + r * t.ldm_in + t.j0 / 8, t.ncols) : 0;
       for (int q = 0; q < Q; ++q) {
         const int n = int(imin(L, t.ncols - q * L));
         reg v = acc[r][q];
         T* cp = t.c + r * t.ldc + q * L;
         if (t.final) {
           if (t.bias) v = V::add(v, n == L ? V::load(t.bias + q * L) : V::load_n(t.bias + q * L, n));
-          if (t.mask_in) v = V::keep_bits(read_bits(t.mask_in + r * t.ldm_in, t.j0 + q * L, n), v);
+          if (t.mask_in) v = V::keep_bits(uint32_t(in_bits >> (q * L)), v);
           if (t.relu) {
             bits |= uint64_t(V::gt0_bits(v) & low_bits(n)) << (q * L);
             v = V::relu(v);

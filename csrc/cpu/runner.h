@@ -13,8 +13,11 @@ namespace fastmlp::cpu {
 
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Below this many flops a GEMM runs on the calling thread: waking the pool costs more.
+// Below this much work a GEMM runs on the calling thread: waking the pool costs more. Work counts
+// flops plus kEpilogueFlops per element of C: with a short sum the tile set-up and epilogue, not the
+// FMAs, are most of a GEMM's time (dX of 64 x 10 -> 256, 0.33 Mflop: 9.8 us on one thread, 5.9 on two).
 inline constexpr int64_t kParallelFlops = int64_t(1) << 19;
+inline constexpr int64_t kEpilogueFlops = 32;
 // Elementwise passes (dReLU + bias grad) split only above this many elements.
 inline constexpr int64_t kParallelElems = int64_t(1) << 16;
 
@@ -24,10 +27,14 @@ inline int threads_for(int64_t work, int64_t threshold) {
 }
 
 // Splits C over threads along columns (whole panels, so packed B is never shared and mask bytes
-// never straddle threads) or, when there are too few panels to balance, along rows.
+// never straddle threads) or, when there are too few panels to balance, along rows. A GEMM that
+// applies an optimizer update is split along rows whenever it can be: each thread then owns whole
+// parameter rows, so the parameter and its optimizer state stream through as one contiguous block
+// per thread (dW + SGD at 64 x 784 -> 256: 225 instead of 253 us on two threads).
 template <typename T>
 void run_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
-  const int64_t nt = threads_for(2 * g.rows * g.cols * std::max<int64_t>(g.inner, 1), kParallelFlops);
+  const int64_t nt =
+      threads_for(g.rows * g.cols * (2 * std::max<int64_t>(g.inner, 1) + kEpilogueFlops), kParallelFlops);
   if (nt == 1) {
     k.gemm_block(g, 0, g.rows, 0, g.cols);
     return;
@@ -37,7 +44,8 @@ void run_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
   // Imbalance of each split: the busiest thread's share over the mean share.
   const double col_imb = double(div_up(panels, nt)) * nt / double(panels);
   const double row_imb = double(div_up(row_tiles, nt)) * nt / double(row_tiles);
-  const bool by_cols = panels >= nt && col_imb <= row_imb;
+  const bool updates = g.update.kind != UpdateKind::kNone;
+  const bool by_cols = updates ? row_tiles < nt : panels >= nt && col_imb <= row_imb;
   const int64_t parts = by_cols ? std::min(nt, panels) : std::min(nt, row_tiles);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
