@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -60,63 +61,86 @@ Tensor step(const char* op, const Tensor& x_, const Tensor& target_, at::TensorL
   const size_t L = weights.size();
   const bool has_bias = !biases.empty();
   const auto opts = x.options();
+  auto width = [&](size_t l) { return weights[l].size(0); };  // outputs of layer l
+
+  // Every temporary lives in one allocation (a dozen at::empty calls cost ~8 µs of a ~300 µs step):
+  // the activations h[1..L], the ReLU masks, two dz buffers used in turn, the bias gradient and,
+  // for batches longer than one K block, the weight gradient's partial sums.
+  int64_t bytes = 0;
+  auto carve = [&](int64_t n) {
+    const int64_t at = bytes;
+    bytes += div_up(n, 64) * 64;  // keeps every buffer 64-byte aligned
+    return at;
+  };
+  std::vector<int64_t> h_at(L + 1), mask_at(L);
+  int64_t widest = 0, largest = 0;
+  for (size_t l = 0; l < L; ++l) {
+    h_at[l + 1] = carve(M * width(l) * int64_t(sizeof(T)));
+    if (l + 1 < L) mask_at[l] = carve(M * div_up(width(l), 8));
+    widest = std::max(widest, width(l));
+    largest = std::max(largest, weights[l].numel());
+  }
+  const int64_t dz_at[2] = {carve(M * widest * int64_t(sizeof(T))), carve(M * widest * int64_t(sizeof(T)))};
+  const int64_t gb_at = carve(widest * int64_t(sizeof(T)));
+  const bool parks = M > k.inner_block;  // partial sums need somewhere to live between K blocks
+  const int64_t partial_at = parks ? carve(largest * int64_t(sizeof(T))) : 0;
+  const Tensor workspace = at::empty({bytes}, opts.dtype(at::kByte));
+  uint8_t* base = workspace.mutable_data_ptr<uint8_t>();
+  auto buffer = [&](int64_t at) { return reinterpret_cast<T*>(base + at); };
 
   // Forward: h[l] is the input of layer l; masks[l] the ReLU mask of its output.
-  std::vector<Tensor> h(L + 1), masks(L);
-  h[0] = x;
+  std::vector<const T*> h(L + 1);
+  std::vector<uint8_t*> masks(L, nullptr);
+  h[0] = x.const_data_ptr<T>();
   for (size_t l = 0; l < L; ++l) {
     const Tensor& w = weights[l];
     const int64_t N = w.size(0), K = w.size(1);
-    const bool relu = l + 1 < L;
-    h[l + 1] = at::empty({M, N}, opts);
+    T* out = buffer(h_at[l + 1]);
+    h[l + 1] = out;
     Gemm<T> g;
     g.rows = M, g.cols = N, g.inner = K;
-    g.a = h[l].const_data_ptr<T>(), g.a_rs = K, g.a_cs = 1;
+    g.a = h[l], g.a_rs = K, g.a_cs = 1;
     g.b = w.const_data_ptr<T>(), g.b_rs = 1, g.b_cs = K;
-    g.c = h[l + 1].mutable_data_ptr<T>(), g.ldc = N;
+    g.c = out, g.ldc = N;
     g.bias = has_bias ? biases[l].const_data_ptr<T>() : nullptr;
-    if (relu) {
-      masks[l] = at::empty({M, div_up(N, 8)}, opts.dtype(at::kByte));
-      g.relu = true, g.mask = masks[l].mutable_data_ptr<uint8_t>(), g.ldm = div_up(N, 8);
+    if (l + 1 < L) {
+      masks[l] = base + mask_at[l];
+      g.relu = true, g.mask = masks[l], g.ldm = div_up(N, 8);
     }
     run_gemm(k, g);
   }
 
-  const int64_t C = weights[L - 1].size(0);
-  Tensor dz = at::empty({M, C}, opts);
-  const double loss = cross_entropy<T>(op, h[L].const_data_ptr<T>(), target.const_data_ptr<int64_t>(), M, C,
-                                       dz.mutable_data_ptr<T>());
+  int which = 0;
+  T* dz = buffer(dz_at[which]);
+  const double loss =
+      cross_entropy<T>(op, h[L], target.const_data_ptr<int64_t>(), M, width(L - 1), dz);
 
-  Tensor gb, partial;
+  T* gb = buffer(gb_at);
   for (size_t l = L; l-- > 0;) {
     const Tensor& w = weights[l];
     const int64_t N = w.size(0), K = w.size(1);
     if (has_bias) {
-      gb = at::empty({N}, opts);
-      run_drelu_bias_grad<T>(k, M, N, dz.const_data_ptr<T>(), nullptr, 0, nullptr, gb.mutable_data_ptr<T>());
-      k.apply_update(updates[L + l], N, gb.const_data_ptr<T>());
+      run_drelu_bias_grad<T>(k, M, N, dz, nullptr, 0, nullptr, gb);
+      k.apply_update(updates[L + l], N, gb);
     }
-    Tensor dz_prev;
+    T* dz_prev = nullptr;
     if (l > 0) {  // dz of the layer below = (dz @ w) masked by that layer's ReLU; uses w before its update
-      dz_prev = at::empty({M, K}, opts);
+      which = 1 - which;
+      dz_prev = buffer(dz_at[which]);
       Gemm<T> g;
       g.rows = M, g.cols = K, g.inner = N;
-      g.a = dz.const_data_ptr<T>(), g.a_rs = N, g.a_cs = 1;
+      g.a = dz, g.a_rs = N, g.a_cs = 1;
       g.b = w.const_data_ptr<T>(), g.b_rs = K, g.b_cs = 1;
-      g.c = dz_prev.mutable_data_ptr<T>(), g.ldc = K;
-      g.mask_in = masks[l - 1].const_data_ptr<uint8_t>(), g.ldm_in = div_up(K, 8);
+      g.c = dz_prev, g.ldc = K;
+      g.mask_in = masks[l - 1], g.ldm_in = div_up(K, 8);
       run_gemm(k, g);
     }
     {  // the update of w from dz.T @ h[l], without materialising the gradient
       Gemm<T> g;
       g.rows = N, g.cols = K, g.inner = M;
-      g.a = dz.const_data_ptr<T>(), g.a_rs = 1, g.a_cs = N;
-      g.b = h[l].const_data_ptr<T>(), g.b_rs = K, g.b_cs = 1;
-      if (M > k.inner_block) {  // partial sums need somewhere to live between K blocks
-        partial = at::empty({N, K}, opts);
-        g.c = partial.mutable_data_ptr<T>();
-      }
-      g.ldc = K;
+      g.a = dz, g.a_rs = 1, g.a_cs = N;
+      g.b = h[l], g.b_rs = K, g.b_cs = 1;
+      g.c = parks ? buffer(partial_at) : nullptr, g.ldc = K;
       g.update = updates[l];
       run_gemm(k, g);
     }
