@@ -15,9 +15,11 @@ inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Below this much work a GEMM runs on the calling thread: waking the pool costs more. Work counts
 // flops plus kEpilogueFlops per element of C: with a short sum the tile set-up and epilogue, not the
-// FMAs, are most of a GEMM's time (dX of 64 x 10 -> 256, 0.33 Mflop: 9.8 us on one thread, 5.9 on two).
-inline constexpr int64_t kParallelFlops = int64_t(1) << 19;
-inline constexpr int64_t kEpilogueFlops = 32;
+// FMAs, are most of a GEMM's time. One thread vs two on the 2-core test machine: dX of
+// 64 x 10 -> 256 9.8 vs 5.9 us, forward 64 x 256 -> 10 7.0 vs 5.0 us, dW of 10 x 256 5.5 vs 4.5 us;
+// forward 64 x 64 -> 10 and dW of 10 x 128 (below the threshold) are faster on one.
+inline constexpr int64_t kParallelFlops = int64_t(1) << 18;
+inline constexpr int64_t kEpilogueFlops = 64;
 // Elementwise passes (dReLU + bias grad) split only above this many elements.
 inline constexpr int64_t kParallelElems = int64_t(1) << 16;
 
