@@ -314,7 +314,9 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
     assert not torch.equal(a, data.epoch_order(1000, seed=4, epoch=5))
 
 
-def test_iterate_batches_is_index_slicing():
+@pytest.mark.parametrize("gather", [1, 2, 32])  # batches gathered at once: chunk edges inside / at the end
+def test_iterate_batches_is_index_slicing(gather, monkeypatch):
+    monkeypatch.setattr(data, "GATHER_BATCHES", gather)
     split = data.Split("t", torch.arange(10.0).repeat_interleave(784).reshape(10, 784), torch.arange(10))
     order = data.epoch_order(10, seed=0, epoch=0)
     batches = list(data.iterate_batches(split, 4, order))
