@@ -302,7 +302,7 @@ class Trainer:
         self.model.train()
         fused_step = self.graph_step or (lambda x, y: self.model.train_step(x, y, self.optimizer))
         # The running loss: on the CPU a Python float, because a tensor op on a scalar costs 15-25 us
-        # right after a training step has pushed the dispatcher out of cache (two per step were ~8% of
+        # right after a training step has pushed the dispatcher out of cache (two per step were ~4% of
         # an MNIST epoch); on a GPU a device tensor, so that no step waits for the device.
         on_cpu = self.device.type == "cpu"
         loss_sum = 0.0 if on_cpu else torch.zeros((), dtype=torch.float64, device=self.device)
