@@ -26,6 +26,7 @@ os.environ["FASTMLP_CUDA_KERNELS"] = "1"  # read when fastmlp is first imported
 import fastmlp  # noqa: E402
 from fastmlp import _ops  # noqa: E402
 from fastmlp import _reference as ref  # noqa: E402
+from _helpers import torch_train_step  # noqa: E402
 
 # Restore the environment so that other tests' subprocesses do not inherit the opt-in.
 if _saved_env is None:
@@ -416,18 +417,22 @@ def _torch_sgd_steps(plain, batches, hyper, lrs):
     return _torch_steps(plain, opt, batches, lrs), opt
 
 
-def _torch_steps(plain, opt, batches, lrs):
-    """Ordinary steps of `opt` on `plain`, one per batch with learning rate lrs[i]; the losses."""
-    losses = []
-    for (x, y), lr in zip(batches, lrs):
+def _with_lrs(opt, batches, lrs):
+    """Yields the batches, setting opt's learning rate to lrs[i] before batch i (a per-step schedule)."""
+    for batch, lr in zip(batches, lrs):
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = F.cross_entropy(plain(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    return torch.stack(losses)
+        yield batch
+
+
+def _torch_steps(plain, opt, batches, lrs):
+    """Ordinary steps of `opt` on `plain`, one per batch with learning rate lrs[i]; the losses."""
+    return torch.stack([torch_train_step(plain, opt, x, y) for x, y in _with_lrs(opt, batches, lrs)])
+
+
+def _graph_steps(step, opt, batches, lrs):
+    """The same through a CUDAGraphStep; the losses (cloned: a graph reuses its output tensor)."""
+    return torch.stack([step(x, y).clone() for x, y in _with_lrs(opt, batches, lrs)])
 
 
 STEP_TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
@@ -526,13 +531,9 @@ def test_cuda_graph_step_matches_torch(cuda_kernels):
     want, _ = _torch_sgd_steps(plain, batches, hyper, lrs)
     opt = torch.optim.SGD(fused.parameters(), **hyper)
     step = fastmlp.CUDAGraphStep(fused, opt, batch_size=64)
-    got = []
-    for (x, y), lr in zip(batches, lrs):
-        for g in opt.param_groups:
-            g["lr"] = lr
-        got.append(step(x, y).clone())
+    got = _graph_steps(step, opt, batches, lrs)
     assert step.captures == 1  # the LR schedule did not force a new capture
-    torch.testing.assert_close(torch.stack(got), want, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
     for p, q in zip(fused.parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
 
@@ -556,13 +557,9 @@ def test_cuda_graph_adam_step_matches_torch(cuda_kernels, cls):
     popt, fopt = cls(plain.parameters(), **hyper), cls(fused.parameters(), **hyper)
     want = _torch_steps(plain, popt, batches, lrs)
     step = fastmlp.CUDAGraphStep(fused, fopt, batch_size=64)
-    got = []
-    for (x, y), lr in zip(batches, lrs):
-        for g in fopt.param_groups:
-            g["lr"] = lr
-        got.append(step(x, y).clone())
+    got = _graph_steps(step, fopt, batches, lrs)
     assert step.captures == 1
-    torch.testing.assert_close(torch.stack(got), want, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
     for p, q in zip(fused.parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
         torch.testing.assert_close(fopt.state[p]["step"], popt.state[q]["step"])
