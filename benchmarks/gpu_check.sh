@@ -86,7 +86,7 @@ run_tests errors 60 "$T/test_cuda.py" -k "errors"
 # The experimental split-K FP32 GEMM (off by default): the same tests with it on.
 FASTMLP_CUDA_SPLITK=1 run_tests splitk 150 "$T/test_cuda.py" -k "not errors"
 run_tests other 120 "$T/test_parity.py" "$T/test_autograd.py" "$T/test_modules.py" "$T/test_sgd_step.py" \
-  "$T/test_adam_step.py" \
+  "$T/test_adam_step.py" "$T/test_train_steps.py" \
   "$T/test_errors.py" -k cuda
 
 # ---- 3. benchmarks ------------------------------------------------------------------------------

@@ -26,6 +26,16 @@
 // exp_avgs, exp_avg_sqs and steps hold one tensor per parameter, the weights first, then the
 // biases; steps are Adam's one-element state['step'] counts, all on the CPU or all on x's device
 // (Adam(capturable=True)), each incremented by the step and used for its bias corrections.
+//
+//   mlp_sgd_steps(x, target, batch_size, weights, biases, weight_bufs, bias_bufs, lrs, momentum,
+//                 weight_decay) -> losses
+//   mlp_adam_steps(x, target, batch_size, weights, biases, exp_avgs, exp_avg_sqs, steps, lrs, beta1,
+//                  beta2, eps, weight_decay, decoupled_weight_decay=False) -> losses
+// ceil(len(x) / batch_size) steps, one after another, over the consecutive batches of batch_size
+// rows of x (the last one shorter when batch_size does not divide len(x)): step s is the step above
+// on x[s * batch_size : (s + 1) * batch_size] with learning rate lrs[s] (one per step). Returns the
+// steps' losses, shape (steps,). Every target is checked before the first step, so a bad label
+// changes nothing.
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
@@ -50,6 +60,13 @@ TORCH_LIBRARY(fastmlp, m) {
       "mlp_adam_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
       "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, bool decoupled_weight_decay=False, Tensor? lr_scale=None) -> Tensor");
+  m.def(
+      "mlp_sgd_steps(Tensor x, Tensor target, int batch_size, Tensor(a!)[] weights, Tensor(b!)[] biases, "
+      "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float[] lrs, float momentum, float weight_decay) -> Tensor");
+  m.def(
+      "mlp_adam_steps(Tensor x, Tensor target, int batch_size, Tensor(a!)[] weights, Tensor(b!)[] biases, "
+      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float[] lrs, float beta1, float beta2, "
+      "float eps, float weight_decay, bool decoupled_weight_decay=False) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -2,7 +2,7 @@
 the `fastmlp` namespace its fake (meta) implementation and (for the fallback) its autograd formula.
 
 After import, torch.ops.fastmlp.{linear_relu_fwd, linear_relu_bwd, linear_fwd, linear_bwd, mlp_sgd_step,
-mlp_adam_step} exist whatever the backend (schemas: csrc/ops.cpp).
+mlp_adam_step, mlp_sgd_steps, mlp_adam_steps} exist whatever the backend (schemas: csrc/ops.cpp).
 
 Environment (read once, at import):
   FASTMLP_DISABLE_EXTENSION=1  ignore the compiled extension: the pure-PyTorch reference serves all
@@ -29,6 +29,12 @@ SCHEMAS = {
     "mlp_adam_step": "mlp_adam_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
     "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
     "float eps, float weight_decay, bool decoupled_weight_decay=False, Tensor? lr_scale=None) -> Tensor",
+    "mlp_sgd_steps": "mlp_sgd_steps(Tensor x, Tensor target, int batch_size, Tensor(a!)[] weights, "
+    "Tensor(b!)[] biases, Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float[] lrs, float momentum, "
+    "float weight_decay) -> Tensor",
+    "mlp_adam_steps": "mlp_adam_steps(Tensor x, Tensor target, int batch_size, Tensor(a!)[] weights, "
+    "Tensor(b!)[] biases, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float[] lrs, "
+    "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay=False) -> Tensor",
 }
 _REFERENCE = {
     "linear_relu_fwd": ref.linear_relu_fwd,
@@ -37,6 +43,8 @@ _REFERENCE = {
     "linear_bwd": ref.linear_bwd,
     "mlp_sgd_step": ref.mlp_sgd_step,
     "mlp_adam_step": ref.mlp_adam_step,
+    "mlp_sgd_steps": ref.mlp_sgd_steps,
+    "mlp_adam_steps": ref.mlp_adam_steps,
 }
 
 REBUILD_HINT = "pip install --no-build-isolation --force-reinstall --no-deps ."
@@ -148,6 +156,23 @@ def _(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_d
 def _(x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
       decoupled_weight_decay=False, lr_scale=None):
     return x.new_empty(())
+
+
+def _steps_fake(x, batch_size, lrs):
+    if batch_size < 1:
+        raise RuntimeError(f"batch_size must be >= 1, got {batch_size}")
+    return x.new_empty((len(lrs),))
+
+
+@torch.library.register_fake("fastmlp::mlp_sgd_steps")
+def _(x, target, batch_size, weights, biases, weight_bufs, bias_bufs, lrs, momentum, weight_decay):
+    return _steps_fake(x, batch_size, lrs)
+
+
+@torch.library.register_fake("fastmlp::mlp_adam_steps")
+def _(x, target, batch_size, weights, biases, exp_avgs, exp_avg_sqs, steps, lrs, beta1, beta2, eps, weight_decay,
+      decoupled_weight_decay=False):
+    return _steps_fake(x, batch_size, lrs)
 
 
 # ---- autograd ------------------------------------------------------------------------------

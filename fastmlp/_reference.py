@@ -132,3 +132,37 @@ def mlp_adam_step(x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, 
             denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
             param.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
         return loss
+
+
+def _check_batches(op, x, target, weights, batch_size, lrs):
+    """The *_steps ops' checks before the first step: returns the batches' row ranges."""
+    if batch_size < 1:
+        raise RuntimeError(f"fastmlp::{op}: batch_size must be >= 1, got {batch_size}")
+    n = x.shape[0]
+    if n == 0:
+        raise RuntimeError(f"fastmlp::{op}: x must hold at least one sample")
+    count = -(-n // batch_size)
+    if len(lrs) != count:
+        raise RuntimeError(f"fastmlp::{op}: lrs must hold one learning rate per step ({count} batches of "
+                           f"{batch_size} in {n} samples), got {len(lrs)}")
+    if target.shape != (n,):
+        raise RuntimeError(f"fastmlp::{op}: target must have shape ({n},), got {tuple(target.shape)}")
+    _check_step(op, x, target, weights, 1.0, None)  # every label, before any parameter changes
+    return [(s * batch_size, min(n, (s + 1) * batch_size)) for s in range(count)]
+
+
+def mlp_sgd_steps(x, target, batch_size, weights, biases, weight_bufs, bias_bufs, lrs, momentum, weight_decay):
+    """mlp_sgd_step on each consecutive batch of batch_size rows of x, step s at learning rate lrs[s]."""
+    batches = _check_batches("mlp_sgd_steps", x, target, weights, batch_size, lrs)
+    losses = [mlp_sgd_step(x[lo:hi], target[lo:hi], weights, biases, weight_bufs, bias_bufs, lr, momentum,
+                           weight_decay) for (lo, hi), lr in zip(batches, lrs)]
+    return torch.stack(losses)
+
+
+def mlp_adam_steps(x, target, batch_size, weights, biases, exp_avgs, exp_avg_sqs, steps, lrs, beta1, beta2, eps,
+                   weight_decay, decoupled_weight_decay=False):
+    """mlp_adam_step on each consecutive batch of batch_size rows of x, step s at learning rate lrs[s]."""
+    batches = _check_batches("mlp_adam_steps", x, target, weights, batch_size, lrs)
+    losses = [mlp_adam_step(x[lo:hi], target[lo:hi], weights, biases, exp_avgs, exp_avg_sqs, steps, lr, beta1,
+                            beta2, eps, weight_decay, decoupled_weight_decay) for (lo, hi), lr in zip(batches, lrs)]
+    return torch.stack(losses)

@@ -9,6 +9,10 @@
 //             excepted); bias gradients are column sums followed by the same update.
 // The updates are the ones torch.optim.SGD (dampening 0, no Nesterov) and torch.optim.Adam / AdamW
 // (no AMSGrad) make; see Update in kernels.h.
+//
+// mlp_{sgd,adam}_steps run many such steps, over consecutive batches of their input, in one call:
+// the same arithmetic in the same order, without the ~30-70 us of Python, dispatch and allocation
+// that each separate call costs around a ~260 us step.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -29,17 +33,19 @@ using at::Tensor;
 
 constexpr const char* kSgdOp = "fastmlp::mlp_sgd_step";
 constexpr const char* kAdamOp = "fastmlp::mlp_adam_step";
+constexpr const char* kSgdStepsOp = "fastmlp::mlp_sgd_steps";
+constexpr const char* kAdamStepsOp = "fastmlp::mlp_adam_steps";
 
-// Mean softmax cross-entropy of logits (M x C); writes its gradient to dz. Returns the loss.
+// Mean softmax cross-entropy of logits (M x C); writes its gradient to dz. Returns the loss. The
+// targets were checked to be class indices before any step ran (check_targets).
 template <typename T>
-double cross_entropy(const char* op, const T* logits, const int64_t* target, int64_t M, int64_t C, T* dz) {
+double cross_entropy(const T* logits, const int64_t* target, int64_t M, int64_t C, T* dz) {
   double total = 0;
   const T inv_m = T(1) / T(M);
   for (int64_t i = 0; i < M; ++i) {
     const T* z = logits + i * C;
     T* d = dz + i * C;
     const int64_t t = target[i];
-    TORCH_CHECK(t >= 0 && t < C, op, ": target[", i, "] = ", t, " is not a class index in [0, ", C, ")");
     T mx = z[0];
     for (int64_t j = 1; j < C; ++j) mx = z[j] > mx ? z[j] : mx;
     T sum = 0;
@@ -51,109 +57,139 @@ double cross_entropy(const char* op, const T* logits, const int64_t* target, int
   return total / double(M);
 }
 
-// The step, with updates[i] the optimizer update of parameter i (the weights, then the biases).
-template <typename T>
-Tensor step(const char* op, const Tensor& x_, const Tensor& target_, at::TensorList weights, at::TensorList biases,
-            const std::vector<Update<T>>& updates) {
-  const auto& k = table<T>();
-  const Tensor x = x_.contiguous(), target = target_.contiguous();
-  const int64_t M = x.size(0);
-  const size_t L = weights.size();
-  const bool has_bias = !biases.empty();
-  const auto opts = x.options();
-  auto width = [&](size_t l) { return weights[l].size(0); };  // outputs of layer l
-
-  // Every temporary lives in one allocation (a dozen at::empty calls cost ~8 µs of a ~300 µs step):
-  // the activations h[1..L], the ReLU masks, two dz buffers used in turn, the bias gradient and,
-  // for batches longer than one K block, the weight gradient's partial sums.
-  int64_t bytes = 0;
-  auto carve = [&](int64_t n) {
-    const int64_t at = bytes;
-    bytes += div_up(n, 64) * 64;  // keeps every buffer 64-byte aligned
-    return at;
-  };
-  std::vector<int64_t> h_at(L + 1), mask_at(L);
-  int64_t widest = 0, largest = 0;
-  for (size_t l = 0; l < L; ++l) {
-    h_at[l + 1] = carve(M * width(l) * int64_t(sizeof(T)));
-    if (l + 1 < L) mask_at[l] = carve(M * div_up(width(l), 8));
-    widest = std::max(widest, width(l));
-    largest = std::max(largest, weights[l].numel());
-  }
-  const int64_t dz_at[2] = {carve(M * widest * int64_t(sizeof(T))), carve(M * widest * int64_t(sizeof(T)))};
-  const int64_t gb_at = carve(widest * int64_t(sizeof(T)));
-  const bool parks = M > k.inner_block;  // partial sums need somewhere to live between K blocks
-  const int64_t partial_at = parks ? carve(largest * int64_t(sizeof(T))) : 0;
-  const Tensor workspace = at::empty({bytes}, opts.dtype(at::kByte));
-  uint8_t* base = workspace.mutable_data_ptr<uint8_t>();
-  auto buffer = [&](int64_t at) { return reinterpret_cast<T*>(base + at); };
-
-  // Forward: h[l] is the input of layer l; masks[l] the ReLU mask of its output.
-  std::vector<const T*> h(L + 1);
-  std::vector<uint8_t*> masks(L, nullptr);
-  h[0] = x.const_data_ptr<T>();
-  for (size_t l = 0; l < L; ++l) {
-    const Tensor& w = weights[l];
-    const int64_t N = w.size(0), K = w.size(1);
-    T* out = buffer(h_at[l + 1]);
-    h[l + 1] = out;
-    Gemm<T> g;
-    g.rows = M, g.cols = N, g.inner = K;
-    g.a = h[l], g.a_rs = K, g.a_cs = 1;
-    g.b = w.const_data_ptr<T>(), g.b_rs = 1, g.b_cs = K;
-    g.c = out, g.ldc = N;
-    g.bias = has_bias ? biases[l].const_data_ptr<T>() : nullptr;
-    if (l + 1 < L) {
-      masks[l] = base + mask_at[l];
-      g.relu = true, g.mask = masks[l], g.ldm = div_up(N, 8);
-    }
-    run_gemm(k, g);
-  }
-
-  int which = 0;
-  T* dz = buffer(dz_at[which]);
-  const double loss =
-      cross_entropy<T>(op, h[L], target.const_data_ptr<int64_t>(), M, width(L - 1), dz);
-
-  T* gb = buffer(gb_at);
-  for (size_t l = L; l-- > 0;) {
-    const Tensor& w = weights[l];
-    const int64_t N = w.size(0), K = w.size(1);
-    if (has_bias) {
-      run_drelu_bias_grad<T>(k, M, N, dz, nullptr, 0, nullptr, gb);
-      k.apply_update(updates[L + l], N, gb);
-    }
-    T* dz_prev = nullptr;
-    if (l > 0) {  // dz of the layer below = (dz @ w) masked by that layer's ReLU; uses w before its update
-      which = 1 - which;
-      dz_prev = buffer(dz_at[which]);
-      Gemm<T> g;
-      g.rows = M, g.cols = K, g.inner = N;
-      g.a = dz, g.a_rs = N, g.a_cs = 1;
-      g.b = w.const_data_ptr<T>(), g.b_rs = K, g.b_cs = 1;
-      g.c = dz_prev, g.ldc = K;
-      g.mask_in = masks[l - 1], g.ldm_in = div_up(K, 8);
-      run_gemm(k, g);
-    }
-    {  // the update of w from dz.T @ h[l], without materialising the gradient
-      Gemm<T> g;
-      g.rows = N, g.cols = K, g.inner = M;
-      g.a = dz, g.a_rs = 1, g.a_cs = N;
-      g.b = h[l], g.b_rs = K, g.b_cs = 1;
-      g.c = parks ? buffer(partial_at) : nullptr, g.ldc = K;
-      g.update = updates[l];
-      run_gemm(k, g);
-    }
-    dz = dz_prev;
-  }
-  return at::scalar_tensor(loss, opts);
+// Every target must be a class index: checked for the whole input before the first step, so that a
+// bad label fails the call before any parameter has changed.
+void check_targets(const char* op, const Tensor& target, int64_t classes) {
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  for (int64_t i = 0, n = target.numel(); i < n; ++i)
+    TORCH_CHECK(t[i] >= 0 && t[i] < classes, op, ": target[", i, "] = ", t[i], " is not a class index in [0, ",
+                classes, ")");
 }
 
-// The step in x's dtype with one update of `kind` per parameter (the weights, then the biases):
-// fill(u, i) sets the optimizer's fields of parameter i's update once its kind and param are set.
+// The buffers of steps of up to max_rows samples, and the step itself.
+template <typename T>
+class Stepper {
+ public:
+  Stepper(at::TensorList weights, at::TensorList biases, int64_t max_rows, const at::TensorOptions& opts)
+      : k_(table<T>()), weights_(weights), has_bias_(!biases.empty()), L_(weights.size()) {
+    // Every temporary lives in one allocation (a dozen at::empty calls cost ~8 us of a ~300 us step):
+    // the activations h[1..L], the ReLU masks, two dz buffers used in turn, the bias gradient and,
+    // for batches longer than one K block, the weight gradient's partial sums.
+    int64_t bytes = 0;
+    auto carve = [&](int64_t n) {
+      const int64_t at = bytes;
+      bytes += div_up(n, 64) * 64;  // keeps every buffer 64-byte aligned
+      return at;
+    };
+    const int64_t M = max_rows;
+    std::vector<int64_t> h_at(L_ + 1), mask_at(L_);
+    int64_t widest = 0, largest = 0;
+    for (size_t l = 0; l < L_; ++l) {
+      h_at[l + 1] = carve(M * width(l) * int64_t(sizeof(T)));
+      if (l + 1 < L_) mask_at[l] = carve(M * div_up(width(l), 8));
+      widest = std::max(widest, width(l));
+      largest = std::max(largest, weights[l].numel());
+    }
+    const int64_t dz_at[2] = {carve(M * widest * int64_t(sizeof(T))), carve(M * widest * int64_t(sizeof(T)))};
+    const int64_t gb_at = carve(widest * int64_t(sizeof(T)));
+    const int64_t partial_at = M > k_.inner_block ? carve(largest * int64_t(sizeof(T))) : 0;
+    workspace_ = at::empty({bytes}, opts.dtype(at::kByte));
+    uint8_t* base = workspace_.mutable_data_ptr<uint8_t>();
+    auto buffer = [&](int64_t at) { return reinterpret_cast<T*>(base + at); };
+    h_.assign(L_ + 1, nullptr);
+    masks_.assign(L_, nullptr);
+    for (size_t l = 0; l < L_; ++l) {
+      h_[l + 1] = buffer(h_at[l + 1]);
+      if (l + 1 < L_) masks_[l] = base + mask_at[l];
+      w_.push_back(weights[l].const_data_ptr<T>());
+      b_.push_back(has_bias_ ? biases[l].const_data_ptr<T>() : nullptr);
+    }
+    dz_[0] = buffer(dz_at[0]), dz_[1] = buffer(dz_at[1]);
+    gb_ = buffer(gb_at);
+    partial_ = M > k_.inner_block ? buffer(partial_at) : nullptr;
+  }
+
+  // One step on the M (<= max_rows) samples x (M x in_features, contiguous) with labels target;
+  // updates[i] is the update of parameter i (the weights, then the biases). Returns the loss.
+  double step(const T* x, const int64_t* target, int64_t M, const std::vector<Update<T>>& updates) {
+    const size_t L = L_;
+    // Forward: h[l] is the input of layer l; masks[l] the ReLU mask of its output.
+    h_[0] = x;
+    for (size_t l = 0; l < L; ++l) {
+      const int64_t N = width(l), K = fan_in(l);
+      Gemm<T> g;
+      g.rows = M, g.cols = N, g.inner = K;
+      g.a = h_[l], g.a_rs = K, g.a_cs = 1;
+      g.b = w_[l], g.b_rs = 1, g.b_cs = K;
+      g.c = const_cast<T*>(h_[l + 1]), g.ldc = N;
+      g.bias = b_[l];
+      if (l + 1 < L) g.relu = true, g.mask = masks_[l], g.ldm = div_up(N, 8);
+      run_gemm(k_, g);
+    }
+
+    int which = 0;
+    T* dz = dz_[which];
+    const double loss = cross_entropy<T>(h_[L], target, M, width(L - 1), dz);
+
+    for (size_t l = L; l-- > 0;) {
+      const int64_t N = width(l), K = fan_in(l);
+      if (has_bias_) {
+        run_drelu_bias_grad<T>(k_, M, N, dz, nullptr, 0, nullptr, gb_);
+        k_.apply_update(updates[L + l], N, gb_);
+      }
+      T* dz_prev = nullptr;
+      if (l > 0) {  // dz of the layer below = (dz @ w) masked by that layer's ReLU; uses w before its update
+        which = 1 - which;
+        dz_prev = dz_[which];
+        Gemm<T> g;
+        g.rows = M, g.cols = K, g.inner = N;
+        g.a = dz, g.a_rs = N, g.a_cs = 1;
+        g.b = w_[l], g.b_rs = K, g.b_cs = 1;
+        g.c = dz_prev, g.ldc = K;
+        g.mask_in = masks_[l - 1], g.ldm_in = div_up(K, 8);
+        run_gemm(k_, g);
+      }
+      {  // the update of w from dz.T @ h[l], without materialising the gradient
+        Gemm<T> g;
+        g.rows = N, g.cols = K, g.inner = M;
+        g.a = dz, g.a_rs = 1, g.a_cs = N;
+        g.b = h_[l], g.b_rs = K, g.b_cs = 1;
+        g.c = M > k_.inner_block ? partial_ : nullptr, g.ldc = K;  // partial sums between K blocks
+        g.update = updates[l];
+        run_gemm(k_, g);
+      }
+      dz = dz_prev;
+    }
+    return loss;
+  }
+
+ private:
+  int64_t width(size_t l) const { return weights_[l].size(0); }  // outputs of layer l
+  int64_t fan_in(size_t l) const { return weights_[l].size(1); }
+
+  const KernelTable<T>& k_;
+  at::TensorList weights_;
+  bool has_bias_;
+  size_t L_;
+  Tensor workspace_;
+  std::vector<const T*> h_, w_, b_;
+  std::vector<uint8_t*> masks_;
+  T* dz_[2] = {nullptr, nullptr};
+  T* gb_ = nullptr;
+  T* partial_ = nullptr;
+};
+
+// Runs steps over the consecutive batches of `batch` rows of x (the last one shorter when batch does
+// not divide them), in x's dtype, with one update of `kind` per parameter (the weights, then the
+// biases): fill(u, i, s) sets the optimizer's fields of parameter i's update for step s once its kind
+// and param are set. Returns each step's loss.
 template <class Fill>
-Tensor run_step(const char* op, UpdateKind kind, const Tensor& x, const Tensor& target, at::TensorList weights,
-                at::TensorList biases, Fill fill) {
+std::vector<double> run_steps(const char* op, UpdateKind kind, const Tensor& x_, const Tensor& target_,
+                              int64_t batch, at::TensorList weights, at::TensorList biases, Fill fill) {
+  const Tensor x = x_.contiguous(), target = target_.contiguous();
+  check_targets(op, target, weights.back().size(0));
+  const int64_t rows = x.size(0), in = x.size(1), count = div_up(rows, batch);
+  std::vector<double> losses(count);
   auto run = [&](auto zero) {
     using T = decltype(zero);
     const size_t L = weights.size();
@@ -161,11 +197,53 @@ Tensor run_step(const char* op, UpdateKind kind, const Tensor& x, const Tensor& 
     for (size_t i = 0; i < updates.size(); ++i) {
       updates[i].kind = kind;
       updates[i].param = (i < L ? weights[i] : biases[i - L]).template mutable_data_ptr<T>();
-      fill(updates[i], i);
     }
-    return step<T>(op, x, target, weights, biases, updates);
+    Stepper<T> stepper(weights, biases, std::min(batch, rows), x.options());
+    const T* xs = x.const_data_ptr<T>();
+    const int64_t* ts = target.const_data_ptr<int64_t>();
+    for (int64_t s = 0; s < count; ++s) {
+      for (size_t i = 0; i < updates.size(); ++i) fill(updates[i], i, s);
+      const int64_t lo = s * batch, M = std::min(batch, rows - lo);
+      losses[s] = stepper.step(xs + lo * in, ts + lo, M, updates);
+    }
   };
-  return x.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
+  x.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
+  return losses;
+}
+
+// The per-step fields of SGD's update of parameter i (of L weights and their biases) at rate lr.
+template <typename T>
+void fill_sgd(Update<T>& u, size_t i, size_t L, at::TensorList wbufs, at::TensorList bbufs, double lr,
+              double momentum, double weight_decay) {
+  if (momentum != 0) u.buf = (i < L ? wbufs[i] : bbufs[i - L]).template mutable_data_ptr<T>();
+  u.lr = T(lr), u.momentum = T(momentum), u.weight_decay = T(weight_decay);
+}
+
+// Adam's fields for parameter i at rate lr and its step t (counting from 1): bias corrections in
+// double, as torch.optim.Adam computes them.
+template <typename T>
+void fill_adam(Update<T>& u, size_t i, at::TensorList exp_avgs, at::TensorList exp_avg_sqs, double t, double lr,
+               double beta1, double beta2, double eps, double weight_decay, bool decoupled) {
+  u.buf = exp_avgs[i].template mutable_data_ptr<T>();
+  u.buf2 = exp_avg_sqs[i].template mutable_data_ptr<T>();
+  u.lr = T(lr), u.weight_decay = T(weight_decay), u.decoupled = decoupled;
+  u.decay_factor = T(1 - lr * weight_decay);
+  u.one_minus_beta1 = T(1 - beta1), u.beta2 = T(beta2), u.one_minus_beta2 = T(1 - beta2), u.eps = T(eps);
+  u.step_size = T(lr / (1 - std::pow(beta1, t)));
+  u.bc2_sqrt = T(std::sqrt(1 - std::pow(beta2, t)));
+}
+
+// Each parameter's Adam step count before the call (the counts are written back only once every
+// step has succeeded).
+std::vector<double> adam_counts(at::TensorList steps) {
+  std::vector<double> t(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) t[i] = steps[i].item<double>();
+  return t;
+}
+
+// The losses as a tensor of x's dtype, one per step.
+Tensor loss_tensor(const std::vector<double>& losses, const Tensor& x) {
+  return at::tensor(losses, x.options().dtype(at::kDouble)).to(x.scalar_type());
 }
 
 Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
@@ -174,11 +252,9 @@ Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weight
   check_step_args(kSgdOp, x, target, weights, biases, wbufs, bbufs, momentum, lr_scale);
   if (lr_scale.has_value()) lr *= lr_scale->item<double>();
   const size_t L = weights.size();
-  return run_step(kSgdOp, UpdateKind::kSgd, x, target, weights, biases, [&](auto& u, size_t i) {
-    using T = std::remove_pointer_t<decltype(u.param)>;
-    if (momentum != 0) u.buf = (i < L ? wbufs[i] : bbufs[i - L]).template mutable_data_ptr<T>();
-    u.lr = T(lr), u.momentum = T(momentum), u.weight_decay = T(weight_decay);
-  });
+  const auto losses = run_steps(kSgdOp, UpdateKind::kSgd, x, target, x.size(0), weights, biases,
+                                [&](auto& u, size_t i, int64_t) { fill_sgd(u, i, L, wbufs, bbufs, lr, momentum, weight_decay); });
+  return at::scalar_tensor(losses[0], x.options());
 }
 
 Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
@@ -187,22 +263,53 @@ Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weigh
                      const std::optional<Tensor>& lr_scale) {
   check_adam_args(kAdamOp, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, lr_scale);
   if (lr_scale.has_value()) lr *= lr_scale->item<double>();
-  // Bias corrections from each parameter's own step count, in double as torch.optim.Adam computes
-  // them; the counts are written back only once the step has succeeded (a bad target throws first).
-  std::vector<double> t(steps.size());
-  for (size_t i = 0; i < steps.size(); ++i) t[i] = steps[i].item<double>() + 1;
-  Tensor loss = run_step(kAdamOp, UpdateKind::kAdam, x, target, weights, biases, [&](auto& u, size_t i) {
-    using T = std::remove_pointer_t<decltype(u.param)>;
-    u.buf = exp_avgs[i].template mutable_data_ptr<T>();
-    u.buf2 = exp_avg_sqs[i].template mutable_data_ptr<T>();
-    u.lr = T(lr), u.weight_decay = T(weight_decay), u.decoupled = decoupled_weight_decay;
-    u.decay_factor = T(1 - lr * weight_decay);
-    u.one_minus_beta1 = T(1 - beta1), u.beta2 = T(beta2), u.one_minus_beta2 = T(1 - beta2), u.eps = T(eps);
-    u.step_size = T(lr / (1 - std::pow(beta1, t[i])));
-    u.bc2_sqrt = T(std::sqrt(1 - std::pow(beta2, t[i])));
-  });
-  for (size_t i = 0; i < steps.size(); ++i) steps[i].fill_(t[i]);
-  return loss;
+  const std::vector<double> t = adam_counts(steps);
+  const auto losses = run_steps(kAdamOp, UpdateKind::kAdam, x, target, x.size(0), weights, biases,
+                                [&](auto& u, size_t i, int64_t) {
+                                  fill_adam(u, i, exp_avgs, exp_avg_sqs, t[i] + 1, lr, beta1, beta2, eps,
+                                            weight_decay, decoupled_weight_decay);
+                                });
+  for (size_t i = 0; i < steps.size(); ++i) steps[i].fill_(t[i] + 1);
+  return at::scalar_tensor(losses[0], x.options());
+}
+
+// batch_size and lrs of the *_steps ops: one learning rate per batch.
+void check_batches(const char* op, const Tensor& x, int64_t batch_size, at::ArrayRef<double> lrs) {
+  TORCH_CHECK(batch_size >= 1, op, ": batch_size must be >= 1, got ", batch_size);
+  const int64_t count = div_up(x.size(0), batch_size);
+  TORCH_CHECK(int64_t(lrs.size()) == count, op, ": lrs must hold one learning rate per step (", count, " batches of ",
+              batch_size, " in ", x.size(0), " samples), got ", lrs.size());
+}
+
+Tensor mlp_sgd_steps(const Tensor& x, const Tensor& target, int64_t batch_size, at::TensorList weights,
+                     at::TensorList biases, at::TensorList wbufs, at::TensorList bbufs, at::ArrayRef<double> lrs,
+                     double momentum, double weight_decay) {
+  check_step_args(kSgdStepsOp, x, target, weights, biases, wbufs, bbufs, momentum, std::nullopt);
+  check_batches(kSgdStepsOp, x, batch_size, lrs);
+  const size_t L = weights.size();
+  return loss_tensor(run_steps(kSgdStepsOp, UpdateKind::kSgd, x, target, batch_size, weights, biases,
+                               [&](auto& u, size_t i, int64_t s) {
+                                 fill_sgd(u, i, L, wbufs, bbufs, lrs[s], momentum, weight_decay);
+                               }),
+                     x);
+}
+
+Tensor mlp_adam_steps(const Tensor& x, const Tensor& target, int64_t batch_size, at::TensorList weights,
+                      at::TensorList biases, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      at::TensorList steps, at::ArrayRef<double> lrs, double beta1, double beta2, double eps,
+                      double weight_decay, bool decoupled_weight_decay) {
+  check_adam_args(kAdamStepsOp, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps,
+                  std::nullopt);
+  check_batches(kAdamStepsOp, x, batch_size, lrs);
+  const std::vector<double> t = adam_counts(steps);
+  Tensor losses = loss_tensor(run_steps(kAdamStepsOp, UpdateKind::kAdam, x, target, batch_size, weights, biases,
+                                        [&](auto& u, size_t i, int64_t s) {
+                                          fill_adam(u, i, exp_avgs, exp_avg_sqs, t[i] + double(s + 1), lrs[s],
+                                                    beta1, beta2, eps, weight_decay, decoupled_weight_decay);
+                                        }),
+                              x);
+  for (size_t i = 0; i < steps.size(); ++i) steps[i].fill_(t[i] + double(lrs.size()));
+  return losses;
 }
 
 }  // namespace
@@ -210,6 +317,8 @@ Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weigh
 TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
   m.impl("mlp_sgd_step", &mlp_sgd_step);
   m.impl("mlp_adam_step", &mlp_adam_step);
+  m.impl("mlp_sgd_steps", &mlp_sgd_steps);
+  m.impl("mlp_adam_steps", &mlp_adam_steps);
 }
 
 }  // namespace fastmlp::cpu

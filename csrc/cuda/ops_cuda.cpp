@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -109,6 +110,54 @@ Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weigh
   return loss;
 }
 
+// The *_steps ops: the step above on each batch in turn (a GPU step is launch-bound, not call-bound,
+// and the trainer captures it in a CUDA graph instead). The checks come first, so that no bad
+// argument or label is found after some steps have run.
+int64_t check_batches(const char* op, const Tensor& x, const Tensor& target, int64_t classes, int64_t batch_size,
+                      at::ArrayRef<double> lrs) {
+  TORCH_CHECK(batch_size >= 1, op, ": batch_size must be >= 1, got ", batch_size);
+  const int64_t count = (x.size(0) + batch_size - 1) / batch_size;
+  TORCH_CHECK(int64_t(lrs.size()) == count, op, ": lrs must hold one learning rate per step (", count, " batches of ",
+              batch_size, " in ", x.size(0), " samples), got ", lrs.size());
+  TORCH_CHECK(((target >= 0) & (target < classes)).all().item<bool>(), op, ": every target must be a class index in [0, ",
+              classes, ")");
+  return count;
+}
+
+Tensor mlp_sgd_steps(const Tensor& x, const Tensor& target, int64_t batch_size, at::TensorList weights,
+                     at::TensorList biases, at::TensorList wbufs, at::TensorList bbufs, at::ArrayRef<double> lrs,
+                     double momentum, double weight_decay) {
+  constexpr const char* op = "fastmlp::mlp_sgd_steps";
+  check_cuda(op, x);
+  check_step_args(op, x, target, weights, biases, wbufs, bbufs, momentum, std::nullopt);
+  const int64_t count = check_batches(op, x, target, weights.back().size(0), batch_size, lrs);
+  std::vector<Tensor> losses;
+  for (int64_t s = 0; s < count; ++s) {
+    const int64_t lo = s * batch_size, n = std::min(batch_size, x.size(0) - lo);
+    losses.push_back(mlp_sgd_step(x.narrow(0, lo, n), target.narrow(0, lo, n), weights, biases, wbufs, bbufs, lrs[s],
+                                  momentum, weight_decay, std::nullopt));
+  }
+  return at::stack(losses);
+}
+
+Tensor mlp_adam_steps(const Tensor& x, const Tensor& target, int64_t batch_size, at::TensorList weights,
+                      at::TensorList biases, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      at::TensorList steps, at::ArrayRef<double> lrs, double beta1, double beta2, double eps,
+                      double weight_decay, bool decoupled_weight_decay) {
+  constexpr const char* op = "fastmlp::mlp_adam_steps";
+  check_cuda(op, x);
+  check_adam_args(op, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, std::nullopt);
+  const int64_t count = check_batches(op, x, target, weights.back().size(0), batch_size, lrs);
+  std::vector<Tensor> losses;
+  for (int64_t s = 0; s < count; ++s) {
+    const int64_t lo = s * batch_size, n = std::min(batch_size, x.size(0) - lo);
+    losses.push_back(mlp_adam_step(x.narrow(0, lo, n), target.narrow(0, lo, n), weights, biases, exp_avgs,
+                                   exp_avg_sqs, steps, lrs[s], beta1, beta2, eps, weight_decay,
+                                   decoupled_weight_decay, std::nullopt));
+  }
+  return at::stack(losses);
+}
+
 }  // namespace
 
 // Registers the ops above for the CUDA dispatch key. Idempotent and thread-safe. The Library is
@@ -127,6 +176,8 @@ void register_cuda_kernels() {
   l->impl("linear_bwd", &linear_bwd);
   l->impl("mlp_sgd_step", &mlp_sgd_step);
   l->impl("mlp_adam_step", &mlp_adam_step);
+  l->impl("mlp_sgd_steps", &mlp_sgd_steps);
+  l->impl("mlp_adam_steps", &mlp_adam_steps);
   lib = l.release();
 }
 
