@@ -294,24 +294,35 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=epoch_generator(seed, epoch))
 
 
-# Batches gathered by one index_select in iterate_batches. Gathering each batch on its own cost an
+# Batches gathered by one index_select in iterate_chunks (and so trained by one many-step op call in
+# the CPU trainer). Gathering each batch on its own cost an
 # MNIST epoch of the whole-step trainer ~5% (two calls per step, each slowed by a cold dispatcher after
 # the step); 32 batches of 64 images are 6.4 MB, and bigger chunks measured no faster.
 GATHER_BATCHES = 32
+
+
+def iterate_chunks(split: Split, batch_size: int, order: torch.Tensor | None = None):
+    """Yields (images, labels) of GATHER_BATCHES consecutive batches at a time (fewer at the end) of
+    `split` in `order` (a permutation of its indices; None: as stored): the inputs of a many-step op."""
+    n, chunk = len(split), batch_size * GATHER_BATCHES
+    if order is not None:
+        order = order.to(split.images.device)
+    for c in range(0, n, chunk):
+        if order is None:
+            yield split.images[c:c + chunk], split.labels[c:c + chunk]
+        else:
+            idx = order[c:c + chunk]
+            yield split.images.index_select(0, idx), split.labels.index_select(0, idx)
 
 
 def iterate_batches(split: Split, batch_size: int, order: torch.Tensor | None = None):
     """Yields (images, labels) batches of `split` in `order` (a permutation of its indices; None: as
     stored). The last batch is smaller when batch_size does not divide len(split). Shuffled batches are
     views of a chunk of GATHER_BATCHES batches gathered at once."""
-    n = len(split)
     if order is None:
-        for i in range(0, n, batch_size):
+        for i in range(0, len(split), batch_size):
             yield split.images[i:i + batch_size], split.labels[i:i + batch_size]
         return
-    order = order.to(split.images.device)
-    for c in range(0, n, batch_size * GATHER_BATCHES):
-        idx = order[c:c + batch_size * GATHER_BATCHES]
-        images, labels = split.images.index_select(0, idx), split.labels.index_select(0, idx)
-        for i in range(0, len(idx), batch_size):
+    for images, labels in iterate_chunks(split, batch_size, order):
+        for i in range(0, len(labels), batch_size):
             yield images[i:i + batch_size], labels[i:i + batch_size]

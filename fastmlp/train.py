@@ -26,7 +26,7 @@ from torch import nn
 
 from . import _ops
 from .cuda_graph import CUDAGraphStep
-from .data import DATASETS, Split, derive_seed, epoch_order, iterate_batches, load_dataset
+from .data import DATASETS, Split, derive_seed, epoch_order, iterate_batches, iterate_chunks, load_dataset
 from .models import BACKENDS, SIZES, model_for
 
 OPTIMIZERS = ("sgd", "adam")
@@ -239,6 +239,17 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def _progress_bar(enabled: bool, total: int, desc: str):
+    """A tqdm bar over an epoch's steps, or None (disabled, or tqdm not installed)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
 class Trainer:
     """Model, optimizer and position in the run; one call of train_epoch() per epoch."""
 
@@ -286,52 +297,23 @@ class Trainer:
     def train_epoch(self, progress: bool = False, on_step=None) -> dict:
         """One pass over the training split; appends to and returns the epoch's history entry.
         on_step(step, loss) is called after every optimizer step with this process's summed batch loss
-        (a 0-d tensor)."""
+        (a 0-d tensor); with the CPU's many-step op, after the op that ran the step."""
         c, train = self.config, self.splits["train"]
         order = epoch_order(len(train), c.seed, self.epoch)
-        batches = iterate_batches(train, c.batch_size, order)
-        if progress:
-            try:
-                from tqdm import tqdm
-                batches = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{c.epochs}",
-                               unit="batch", leave=False, dynamic_ncols=True)
-            except ImportError:
-                pass
+        bar = _progress_bar(progress, self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}")
         if c.dropout > 0:  # dropout masks, like the order, from (seed, epoch) alone, and per process
             torch.manual_seed(derive_seed(c.seed, self.epoch, 1, self.rank))
         self.model.train()
-        fused_step = self.graph_step or (lambda x, y: self.model.train_step(x, y, self.optimizer))
-        # The running loss: on the CPU a Python float, because a tensor op on a scalar costs 15-25 us
-        # right after a training step has pushed the dispatcher out of cache (two per step were ~4% of
-        # an MNIST epoch); on a GPU a device tensor, so that no step waits for the device.
-        on_cpu = self.device.type == "cpu"
-        loss_sum = 0.0 if on_cpu else torch.zeros((), dtype=torch.float64, device=self.device)
         _sync(self.device)
         start = time.perf_counter()
-        for x, y in batches:
-            n_global = y.shape[0]
-            if self.world > 1:  # this process's share of the global batch
-                x = x.tensor_split(self.world)[self.rank]
-                y = y.tensor_split(self.world)[self.rank]
-            lr = self.lr_at(self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            if self.fused_step:
-                mean = fused_step(x, y)  # (a CUDA graph's output is overwritten by its next step)
-                summed = mean.item() * n_global if on_cpu else mean * n_global
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(self.net(x), y, reduction="sum")
-                # Mean over the global batch: DDP averages the gradients of the `world` processes.
-                (loss * (self.world / n_global)).backward()
-                self.optimizer.step()
-                summed = loss.item() if on_cpu else loss.detach()
-            loss_sum += summed if on_cpu else summed.double()
-            self.step += 1
-            if on_step is not None:
-                on_step(self.step, torch.tensor(summed) if on_cpu else summed)
+        if self.fused_step and self.device.type == "cpu":
+            loss_sum = self._cpu_fused_epoch(order, bar, on_step)
+        else:
+            loss_sum = self._stepwise_epoch(order, bar, on_step)
         _sync(self.device)
         seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
         loss_sum = torch.as_tensor(loss_sum, dtype=torch.float64, device=self.device)
         if self.world > 1:
             torch.distributed.all_reduce(loss_sum)
@@ -349,6 +331,63 @@ class Trainer:
         }
         self.history.append(entry)
         return entry
+
+    def _set_lr(self, lr: float):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _cpu_fused_epoch(self, order, bar, on_step) -> float:
+        """The epoch on the CPU with the whole-step op, many steps per call (FusedMLP.train_steps): one
+        call per gathered chunk of batches, the scheduled lr of each step passed along. Same steps,
+        same order and same result as one call per batch. Returns the summed loss."""
+        c, loss_sum = self.config, 0.0
+        for x, y in iterate_chunks(self.splits["train"], c.batch_size, order):
+            lrs = [self.lr_at(self.step + s) for s in range(-(-len(y) // c.batch_size))]
+            losses = self.model.train_steps(x, y, self.optimizer, c.batch_size, lrs).tolist()
+            self._set_lr(lrs[-1])  # where the per-step loop leaves it
+            for s, mean in enumerate(losses):
+                summed = mean * min(c.batch_size, len(y) - s * c.batch_size)
+                loss_sum += summed
+                self.step += 1
+                if on_step is not None:
+                    on_step(self.step, torch.tensor(summed))
+            if bar is not None:
+                bar.update(len(losses))
+        return loss_sum
+
+    def _stepwise_epoch(self, order, bar, on_step):
+        """The epoch one step (one call) at a time: autograd, or the whole-step op on a GPU (in a CUDA
+        graph where it can be). Returns the summed loss (a Python float on the CPU, else a device
+        tensor, so that no step waits for the device)."""
+        c = self.config
+        fused_step = self.graph_step or (lambda x, y: self.model.train_step(x, y, self.optimizer))
+        # The running loss: on the CPU a Python float, because a tensor op on a scalar costs 15-25 us
+        # right after a training step has pushed the dispatcher out of cache.
+        on_cpu = self.device.type == "cpu"
+        loss_sum = 0.0 if on_cpu else torch.zeros((), dtype=torch.float64, device=self.device)
+        for x, y in iterate_batches(self.splits["train"], c.batch_size, order):
+            n_global = y.shape[0]
+            if self.world > 1:  # this process's share of the global batch
+                x = x.tensor_split(self.world)[self.rank]
+                y = y.tensor_split(self.world)[self.rank]
+            self._set_lr(self.lr_at(self.step))
+            if self.fused_step:
+                mean = fused_step(x, y)  # (a CUDA graph's output is overwritten by its next step)
+                summed = mean.item() * n_global if on_cpu else mean * n_global
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(self.net(x), y, reduction="sum")
+                # Mean over the global batch: DDP averages the gradients of the `world` processes.
+                (loss * (self.world / n_global)).backward()
+                self.optimizer.step()
+                summed = loss.item() if on_cpu else loss.detach()
+            loss_sum += summed if on_cpu else summed.double()
+            self.step += 1
+            if on_step is not None:
+                on_step(self.step, torch.tensor(summed) if on_cpu else summed)
+            if bar is not None:
+                bar.update(1)
+        return loss_sum
 
     def checkpoint(self) -> dict:
         """Everything needed to continue the run exactly; "state_dict" loads into plain_mlp(sizes)."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastmlp
-from fastmlp import models, train as T
+from fastmlp import data, models, train as T
 from fastmlp.train import CheckpointError, TrainConfig, default_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,6 +158,35 @@ def test_fused_step_only_where_it_applies(mnist):
     def uses(**kw):
         return T.Trainer(default_config("mnist", **kw), mnist).fused_step
     assert uses() and uses(optimizer="adam") and not uses(backend="torch") and not uses(dropout=0.1)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_many_step_epochs_equal_one_call_per_step(mnist, monkeypatch, optimizer):
+    """On the CPU the fused trainer runs a gathered chunk of batches per op (FusedMLP.train_steps, each
+    step at its scheduled lr); one op call per step gives bit-identical weights, optimizer state, per-step
+    losses and history, across chunk edges, a short last batch and two epochs of the cosine schedule."""
+    n = 64 * (data.GATHER_BATCHES + 8) + 17
+    cfg = default_config("mnist", epochs=2, train_limit=n, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 1e-3)
+
+    def run():
+        trainer = T.Trainer(cfg, {**mnist, "train": mnist["train"].subset(n)})
+        steps = []
+        for _ in range(cfg.epochs):
+            trainer.train_epoch(on_step=lambda step, loss: steps.append((step, loss.item())))
+        return trainer, steps
+
+    many, many_steps = run()
+    monkeypatch.setattr(T.Trainer, "_cpu_fused_epoch", T.Trainer._stepwise_epoch)
+    one, one_steps = run()
+    assert len(many_steps) == 2 * math.ceil(n / 64) and [s for s, _ in many_steps] == list(range(1, len(many_steps) + 1))
+    assert many_steps == one_steps
+    assert strip_timing(many.history) == strip_timing(one.history)
+    wm, wo = weights(many.model), weights(one.model)
+    assert all(torch.equal(wm[k], wo[k]) for k in wm)
+    assert many.optimizer.param_groups[0]["lr"] == one.optimizer.param_groups[0]["lr"] == many.lr_at(many.step - 1)
+    for p, q in zip(many.model.parameters(), one.model.parameters()):
+        for key, value in many.optimizer.state[p].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(one.optimizer.state[q][key])), key
 
 
 def test_same_seed_same_result(mnist):
