@@ -8,7 +8,8 @@
 How things are measured (the same code serves `pytest benchmarks/`):
 
 * Every variant of a case (fastmlp / torch eager / torch.compile, and for training also
-  fastmlp-step, FusedMLP.sgd_step's whole-step op) runs in this process on the same input tensors,
+  fastmlp-step, FusedMLP.sgd_step's whole-step op, and fastmlp-steps, FusedMLP.train_steps running
+  all of an epoch part's steps in one op) runs in this process on the same input tensors,
   with its own copy of the same initial weights.
 * Variants are interleaved: each round runs one chunk (a few ms) of every variant, the order rotating
   from round to round. Every iteration is timed on its own, and a variant's figure is the median of
@@ -576,14 +577,35 @@ def _step_fastmlp_fused(sizes, state):
     return step
 
 
+def _steps_fastmlp(sizes, state):
+    """FusedMLP.train_steps: the fused step, and in the epoch benchmark many steps per op (one call
+    per eighth of an epoch, see TrainCase.sampler)."""
+    import fastmlp
+
+    model = fastmlp.FusedMLP(sizes)
+    if not hasattr(model, "train_steps"):
+        raise RuntimeError("this fastmlp has no FusedMLP.train_steps (many-step op)")
+    model.load_state_dict(state)
+    opt = torch.optim.SGD(model.parameters(), **SGD)
+
+    def step(x, y):
+        return model.train_steps(x, y, opt, len(y))[0]
+
+    step.many = lambda x, y, batch: model.train_steps(x, y, opt, batch)
+    return step
+
+
 # name -> factory(sizes, state_dict) -> step(x, y): one whole training step (forward, loss,
 # zero_grad(set_to_none=True), backward, SGD(lr=0.01, momentum=0.9).step()) on a model of those
-# sizes starting from `state_dict` (keys as in fastmlp.plain_mlp / FusedMLP). Variants named
+# sizes starting from `state_dict` (keys as in fastmlp.plain_mlp / FusedMLP). A step may also have
+# .many(x, y, batch): the steps over x's consecutive batches of `batch` rows in one call, which the
+# epoch benchmark then uses for each run of consecutive batches. Variants named
 # "fastmlp..." are fastmlp's own: each gets a speed-up against eager torch, and the targets are
 # judged on the best of them.
 STEP_VARIANTS: dict[str, Callable] = {
     "fastmlp": _step_fastmlp,  # FusedMLP modules, autograd, torch.optim.SGD
     "fastmlp-step": _step_fastmlp_fused,  # FusedMLP.sgd_step
+    "fastmlp-steps": _steps_fastmlp,  # FusedMLP.train_steps (many steps per op)
     "torch": _step_torch,
     "compile": _step_compile,
 }
@@ -592,7 +614,7 @@ STEP_VARIANTS: dict[str, Callable] = {
 def register_step_variant(name: str, factory: Callable) -> None:
     """Adds a training-step variant, e.g. a fused whole-step path:
 
-        register_step_variant("fastmlp-step", lambda sizes, state: fastmlp.TrainStep(sizes, state, **bench.SGD))
+        register_step_variant("fastmlp-mine", lambda sizes, state: my_step_function(sizes, state, **bench.SGD))
 
     It then appears in the step/epoch benchmarks (runner and pytest) next to the others."""
     STEP_VARIANTS[name] = factory
@@ -692,13 +714,19 @@ class TrainCase:
             parts = [batches[bounds[i] : bounds[i + 1]] for i in range(nseg)]
             pos = [0]
 
+            many = getattr(step, "many", None)
+
             def run(iters):
                 ts = []
                 for _ in range(iters):
                     part = parts[pos[0]]
                     t0 = clock()
-                    for lo, hi in part:
-                        step(X[lo:hi], Y[lo:hi])
+                    if many is not None:  # the part's batches are consecutive rows
+                        lo, hi = part[0][0], part[-1][1]
+                        many(X[lo:hi], Y[lo:hi], BATCH)
+                    else:
+                        for lo, hi in part:
+                            step(X[lo:hi], Y[lo:hi])
                     ts.append(clock() - t0)
                     pos[0] = (pos[0] + 1) % nseg
                 return ts

@@ -122,6 +122,26 @@ def test_training_cases_and_step_registry(tmp_path, monkeypatch):
     assert epoch["target"]["variant"] == max(ours, key=ours.get)
 
 
+def test_epoch_parts_go_to_a_many_step_variant_whole(monkeypatch):
+    """A step with .many (fastmlp-steps) gets each eighth of the epoch as one call over its rows."""
+    calls = []
+
+    def factory(sizes, state):
+        def step(x, y):
+            calls.append(("one", len(y)))
+
+        step.many = lambda x, y, batch: calls.append(("many", len(x), len(y), batch))
+        return step
+
+    monkeypatch.setitem(bench.STEP_VARIANTS, "fastmlp-many", factory)
+    case = bench.TrainCase("784-256-10", variants=["fastmlp-many"])
+    calls.clear()
+    run = case.sampler("fastmlp-many", "epoch", epoch_steps=10, segments=2)
+    assert len(run(3)) == 3
+    assert calls == [("many", 320, 320, 64)] * 3
+    assert "fastmlp-steps" in bench.STEP_VARIANTS and bench.is_fastmlp("fastmlp-steps")
+
+
 def test_threads_restored_and_models_match(tmp_path):
     import torch
 
