@@ -19,8 +19,9 @@ def _twins(sizes, dtype, device, bias=True, **sgd):
 @pytest.mark.parametrize("sizes", [[784, 128, 64, 10], [784, 256, 10], [7, 3], [30, 17, 9, 5]])
 @pytest.mark.parametrize(
     "sgd",
-    [dict(lr=0.05, momentum=0.9), dict(lr=0.1), dict(lr=0.02, momentum=0.5, weight_decay=1e-3)],
-    ids=["momentum", "plain", "weight_decay"],
+    [dict(lr=0.05, momentum=0.9), dict(lr=0.1), dict(lr=0.02, momentum=0.5, weight_decay=1e-3),
+     dict(lr=0.05, weight_decay=1e-2)],
+    ids=["momentum", "plain", "weight_decay", "decay_only"],
 )
 @pytest.mark.parametrize("batch", [64, 1, 200])
 def test_sgd_step_matches_autograd_and_torch_sgd(device, dtype, sizes, sgd, batch):
