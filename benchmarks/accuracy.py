@@ -12,8 +12,8 @@ Epoch time: four variants of each model train side by side from the same initial
 same recipe, one epoch each per round, their order rotating from round to round (so load from other
 processes on a shared machine hits them alike); the figure is the median over rounds of the training pass
 (evaluation excluded):
-  fused           fastmlp.train.Trainer as `fastmlp train` runs it: FusedMLP, each step one fused op
-                  (FusedMLP.sgd_step), batches sliced from whole-dataset tensors
+  fused           fastmlp.train.Trainer as `fastmlp train` runs it: FusedMLP, whole fused steps (on the
+                  CPU 32 per op call, FusedMLP.train_steps), batches gathered from whole-dataset tensors
   fused-autograd  the same FusedMLP layers under autograd, loss.backward() and torch.optim.SGD.step()
   torch           the same model as nn.Linear/nn.ReLU (plain_mlp) in eager PyTorch, same tensor batches
   course  the classic course loop: torchvision dataset + ToTensor + Normalize, DataLoader(batch_size=64,

@@ -1,8 +1,9 @@
 """One whole training step and one whole epoch (938 steps of batch 64 over a pre-made random
 (60000, 784) tensor, SGD lr 0.01 momentum 0.9) of each project model (fastmlp.bench.MODELS), for every
 step variant of fastmlp.bench.STEP_VARIANTS (fastmlp's modules + autograd + torch.optim.SGD,
-fastmlp-step = FusedMLP.sgd_step, fastmlp-steps = FusedMLP.train_steps (an epoch's part in one op), eager PyTorch, torch.compile, and any registered later). Variants
-interleaved per case (see conftest.py)."""
+fastmlp-step = FusedMLP.sgd_step, fastmlp-steps = FusedMLP.train_steps with an eighth of the epoch per
+call, eager PyTorch, torch.compile, and any registered later). Variants interleaved per case (see
+conftest.py)."""
 
 import pytest
 

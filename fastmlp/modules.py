@@ -125,12 +125,14 @@ class FusedMLP(nn.Sequential):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"FusedMLP.train_steps: batch_size must be a positive int, got {batch_size!r}")
         if target.shape != (x.shape[0],):
-            raise ValueError(f"FusedMLP.train_steps: target must have shape ({x.shape[0]},), got {tuple(target.shape)}")
+            raise ValueError(
+                f"FusedMLP.train_steps: target must have shape ({x.shape[0]},), got {tuple(target.shape)}")
         count = -(-x.shape[0] // batch_size)
         op, tensors, lr, hyper = self._step_args(optimizer, kind, many=True)
         lrs = [lr] * count if lrs is None else [float(v) for v in lrs]
         if len(lrs) != count:
-            raise ValueError(f"FusedMLP.train_steps: lrs must hold one learning rate per step ({count}), got {len(lrs)}")
+            raise ValueError(
+                f"FusedMLP.train_steps: lrs must hold one learning rate per step ({count}), got {len(lrs)}")
         return _without_grad(op, x, target, batch_size, *tensors, lrs, *hyper)
 
     def _step_args(self, optimizer, kind, many=False):

@@ -166,7 +166,8 @@ def test_many_step_epochs_equal_one_call_per_step(mnist, monkeypatch, optimizer)
     step at its scheduled lr); one op call per step gives bit-identical weights, optimizer state, per-step
     losses and history, across chunk edges, a short last batch and two epochs of the cosine schedule."""
     n = 64 * (data.GATHER_BATCHES + 8) + 17
-    cfg = default_config("mnist", epochs=2, train_limit=n, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 1e-3)
+    cfg = default_config("mnist", epochs=2, train_limit=n, optimizer=optimizer,
+                         lr=0.05 if optimizer == "sgd" else 1e-3)
 
     def run():
         trainer = T.Trainer(cfg, {**mnist, "train": mnist["train"].subset(n)})
@@ -178,7 +179,8 @@ def test_many_step_epochs_equal_one_call_per_step(mnist, monkeypatch, optimizer)
     many, many_steps = run()
     monkeypatch.setattr(T.Trainer, "_cpu_fused_epoch", T.Trainer._stepwise_epoch)
     one, one_steps = run()
-    assert len(many_steps) == 2 * math.ceil(n / 64) and [s for s, _ in many_steps] == list(range(1, len(many_steps) + 1))
+    assert len(many_steps) == 2 * math.ceil(n / 64)
+    assert [s for s, _ in many_steps] == list(range(1, len(many_steps) + 1))
     assert many_steps == one_steps
     assert strip_timing(many.history) == strip_timing(one.history)
     wm, wo = weights(many.model), weights(one.model)

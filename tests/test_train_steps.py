@@ -149,7 +149,8 @@ def _adam_args(rows=20):
 
 def test_steps_ops_opcheck():
     x, y, *rest = _sgd_args()
-    torch.library.opcheck(torch.ops.fastmlp.mlp_sgd_steps.default, (x, y, 6, *rest, [0.1, 0.1, 0.05, 0.05], 0.9, 0.0),
+    torch.library.opcheck(torch.ops.fastmlp.mlp_sgd_steps.default,
+                          (x, y, 6, *rest, [0.1, 0.1, 0.05, 0.05], 0.9, 0.0),
                           test_utils=("test_schema", "test_faketensor"))
     x, y, *rest = _adam_args()
     torch.library.opcheck(torch.ops.fastmlp.mlp_adam_steps.default,

@@ -252,8 +252,9 @@ Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weight
   check_step_args(kSgdOp, x, target, weights, biases, wbufs, bbufs, momentum, lr_scale);
   if (lr_scale.has_value()) lr *= lr_scale->item<double>();
   const size_t L = weights.size();
-  const auto losses = run_steps(kSgdOp, UpdateKind::kSgd, x, target, x.size(0), weights, biases,
-                                [&](auto& u, size_t i, int64_t) { fill_sgd(u, i, L, wbufs, bbufs, lr, momentum, weight_decay); });
+  const auto losses =
+      run_steps(kSgdOp, UpdateKind::kSgd, x, target, x.size(0), weights, biases,
+                [&](auto& u, size_t i, int64_t) { fill_sgd(u, i, L, wbufs, bbufs, lr, momentum, weight_decay); });
   return at::scalar_tensor(losses[0], x.options());
 }
 

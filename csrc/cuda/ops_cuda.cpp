@@ -119,8 +119,8 @@ int64_t check_batches(const char* op, const Tensor& x, const Tensor& target, int
   const int64_t count = (x.size(0) + batch_size - 1) / batch_size;
   TORCH_CHECK(int64_t(lrs.size()) == count, op, ": lrs must hold one learning rate per step (", count, " batches of ",
               batch_size, " in ", x.size(0), " samples), got ", lrs.size());
-  TORCH_CHECK(((target >= 0) & (target < classes)).all().item<bool>(), op, ": every target must be a class index in [0, ",
-              classes, ")");
+  TORCH_CHECK(((target >= 0) & (target < classes)).all().item<bool>(), op,
+              ": every target must be a class index in [0, ", classes, ")");
   return count;
 }
 
