@@ -73,7 +73,7 @@ class Stepper {
   Stepper(at::TensorList weights, at::TensorList biases, int64_t max_rows, const at::TensorOptions& opts)
       : k_(table<T>()), weights_(weights), has_bias_(!biases.empty()), L_(weights.size()) {
     // Every temporary lives in one allocation (a dozen at::empty calls cost ~8 us of a ~300 us step):
-    // the activations h[1..L], the ReLU masks, two dz buffers used in turn, the bias gradient and,
+    // the layers' outputs, the ReLU masks, two dz buffers used in turn, the bias gradient and,
     // for batches longer than one K block, the weight gradient's partial sums.
     int64_t bytes = 0;
     auto carve = [&](int64_t n) {
@@ -82,10 +82,10 @@ class Stepper {
       return at;
     };
     const int64_t M = max_rows;
-    std::vector<int64_t> h_at(L_ + 1), mask_at(L_);
+    std::vector<int64_t> out_at(L_), mask_at(L_);
     int64_t widest = 0, largest = 0;
     for (size_t l = 0; l < L_; ++l) {
-      h_at[l + 1] = carve(M * width(l) * int64_t(sizeof(T)));
+      out_at[l] = carve(M * width(l) * int64_t(sizeof(T)));
       if (l + 1 < L_) mask_at[l] = carve(M * div_up(width(l), 8));
       widest = std::max(widest, width(l));
       largest = std::max(largest, weights[l].numel());
@@ -96,10 +96,10 @@ class Stepper {
     workspace_ = at::empty({bytes}, opts.dtype(at::kByte));
     uint8_t* base = workspace_.mutable_data_ptr<uint8_t>();
     auto buffer = [&](int64_t at) { return reinterpret_cast<T*>(base + at); };
-    h_.assign(L_ + 1, nullptr);
+    out_.assign(L_, nullptr);
     masks_.assign(L_, nullptr);
     for (size_t l = 0; l < L_; ++l) {
-      h_[l + 1] = buffer(h_at[l + 1]);
+      out_[l] = buffer(out_at[l]);
       if (l + 1 < L_) masks_[l] = base + mask_at[l];
       w_.push_back(weights[l].const_data_ptr<T>());
       b_.push_back(has_bias_ ? biases[l].const_data_ptr<T>() : nullptr);
@@ -113,15 +113,16 @@ class Stepper {
   // updates[i] is the update of parameter i (the weights, then the biases). Returns the loss.
   double step(const T* x, const int64_t* target, int64_t M, const std::vector<Update<T>>& updates) {
     const size_t L = L_;
-    // Forward: h[l] is the input of layer l; masks[l] the ReLU mask of its output.
-    h_[0] = x;
+    // Forward: the input of layer l is x or the output of layer l - 1; masks[l] is the ReLU mask
+    // of its output.
+    auto input = [&](size_t l) -> const T* { return l == 0 ? x : out_[l - 1]; };
     for (size_t l = 0; l < L; ++l) {
       const int64_t N = width(l), K = fan_in(l);
       Gemm<T> g;
       g.rows = M, g.cols = N, g.inner = K;
-      g.a = h_[l], g.a_rs = K, g.a_cs = 1;
+      g.a = input(l), g.a_rs = K, g.a_cs = 1;
       g.b = w_[l], g.b_rs = 1, g.b_cs = K;
-      g.c = const_cast<T*>(h_[l + 1]), g.ldc = N;
+      g.c = out_[l], g.ldc = N;
       g.bias = b_[l];
       if (l + 1 < L) g.relu = true, g.mask = masks_[l], g.ldm = div_up(N, 8);
       run_gemm(k_, g);
@@ -129,7 +130,7 @@ class Stepper {
 
     int which = 0;
     T* dz = dz_[which];
-    const double loss = cross_entropy<T>(h_[L], target, M, width(L - 1), dz);
+    const double loss = cross_entropy<T>(out_[L - 1], target, M, width(L - 1), dz);
 
     for (size_t l = L; l-- > 0;) {
       const int64_t N = width(l), K = fan_in(l);
@@ -149,11 +150,11 @@ class Stepper {
         g.mask_in = masks_[l - 1], g.ldm_in = div_up(K, 8);
         run_gemm(k_, g);
       }
-      {  // the update of w from dz.T @ h[l], without materialising the gradient
+      {  // the update of w from dz.T @ input(l), without materialising the gradient
         Gemm<T> g;
         g.rows = N, g.cols = K, g.inner = M;
         g.a = dz, g.a_rs = 1, g.a_cs = N;
-        g.b = h_[l], g.b_rs = K, g.b_cs = 1;
+        g.b = input(l), g.b_rs = K, g.b_cs = 1;
         g.c = M > k_.inner_block ? partial_ : nullptr, g.ldc = K;  // partial sums between K blocks
         g.update = updates[l];
         run_gemm(k_, g);
@@ -172,7 +173,8 @@ class Stepper {
   bool has_bias_;
   size_t L_;
   Tensor workspace_;
-  std::vector<const T*> h_, w_, b_;
+  std::vector<const T*> w_, b_;
+  std::vector<T*> out_;  // the layers' outputs (activations; the last one the logits)
   std::vector<uint8_t*> masks_;
   T* dz_[2] = {nullptr, nullptr};
   T* gb_ = nullptr;
@@ -272,14 +274,6 @@ Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weigh
                                 });
   for (size_t i = 0; i < steps.size(); ++i) steps[i].fill_(t[i] + 1);
   return at::scalar_tensor(losses[0], x.options());
-}
-
-// batch_size and lrs of the *_steps ops: one learning rate per batch.
-void check_batches(const char* op, const Tensor& x, int64_t batch_size, at::ArrayRef<double> lrs) {
-  TORCH_CHECK(batch_size >= 1, op, ": batch_size must be >= 1, got ", batch_size);
-  const int64_t count = div_up(x.size(0), batch_size);
-  TORCH_CHECK(int64_t(lrs.size()) == count, op, ": lrs must hold one learning rate per step (", count, " batches of ",
-              batch_size, " in ", x.size(0), " samples), got ", lrs.size());
 }
 
 Tensor mlp_sgd_steps(const Tensor& x, const Tensor& target, int64_t batch_size, at::TensorList weights,

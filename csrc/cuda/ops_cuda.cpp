@@ -113,15 +113,10 @@ Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weigh
 // The *_steps ops: the step above on each batch in turn (a GPU step is launch-bound, not call-bound,
 // and the trainer captures it in a CUDA graph instead). The checks come first, so that no bad
 // argument or label is found after some steps have run.
-int64_t check_batches(const char* op, const Tensor& x, const Tensor& target, int64_t classes, int64_t batch_size,
-                      at::ArrayRef<double> lrs) {
-  TORCH_CHECK(batch_size >= 1, op, ": batch_size must be >= 1, got ", batch_size);
-  const int64_t count = (x.size(0) + batch_size - 1) / batch_size;
-  TORCH_CHECK(int64_t(lrs.size()) == count, op, ": lrs must hold one learning rate per step (", count, " batches of ",
-              batch_size, " in ", x.size(0), " samples), got ", lrs.size());
+// Every label a class index, checked on the device before the first step (one synchronisation).
+void check_targets(const char* op, const Tensor& target, int64_t classes) {
   TORCH_CHECK(((target >= 0) & (target < classes)).all().item<bool>(), op,
               ": every target must be a class index in [0, ", classes, ")");
-  return count;
 }
 
 Tensor mlp_sgd_steps(const Tensor& x, const Tensor& target, int64_t batch_size, at::TensorList weights,
@@ -130,7 +125,8 @@ Tensor mlp_sgd_steps(const Tensor& x, const Tensor& target, int64_t batch_size, 
   constexpr const char* op = "fastmlp::mlp_sgd_steps";
   check_cuda(op, x);
   check_step_args(op, x, target, weights, biases, wbufs, bbufs, momentum, std::nullopt);
-  const int64_t count = check_batches(op, x, target, weights.back().size(0), batch_size, lrs);
+  const int64_t count = check_batches(op, x, batch_size, lrs);
+  check_targets(op, target, weights.back().size(0));
   std::vector<Tensor> losses;
   for (int64_t s = 0; s < count; ++s) {
     const int64_t lo = s * batch_size, n = std::min(batch_size, x.size(0) - lo);
@@ -147,7 +143,8 @@ Tensor mlp_adam_steps(const Tensor& x, const Tensor& target, int64_t batch_size,
   constexpr const char* op = "fastmlp::mlp_adam_steps";
   check_cuda(op, x);
   check_adam_args(op, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, std::nullopt);
-  const int64_t count = check_batches(op, x, target, weights.back().size(0), batch_size, lrs);
+  const int64_t count = check_batches(op, x, batch_size, lrs);
+  check_targets(op, target, weights.back().size(0));
   std::vector<Tensor> losses;
   for (int64_t s = 0; s < count; ++s) {
     const int64_t lo = s * batch_size, n = std::min(batch_size, x.size(0) - lo);
