@@ -306,14 +306,16 @@ class Trainer:
         self.model.train()
         _sync(self.device)
         start = time.perf_counter()
-        if self.fused_step and self.device.type == "cpu":
-            loss_sum = self._cpu_fused_epoch(order, bar, on_step)
-        else:
-            loss_sum = self._stepwise_epoch(order, bar, on_step)
-        _sync(self.device)
+        try:
+            if self.fused_step and self.device.type == "cpu":
+                loss_sum = self._cpu_fused_epoch(order, bar, on_step)
+            else:
+                loss_sum = self._stepwise_epoch(order, bar, on_step)
+            _sync(self.device)
+        finally:
+            if bar is not None:
+                bar.close()
         seconds = time.perf_counter() - start
-        if bar is not None:
-            bar.close()
         loss_sum = torch.as_tensor(loss_sum, dtype=torch.float64, device=self.device)
         if self.world > 1:
             torch.distributed.all_reduce(loss_sum)
