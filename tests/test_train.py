@@ -176,9 +176,14 @@ def test_many_step_epochs_equal_one_call_per_step(mnist, monkeypatch, optimizer)
             trainer.train_epoch(on_step=lambda step, loss: steps.append((step, loss.item())))
         return trainer, steps
 
+    calls = []
+    train_steps = fastmlp.FusedMLP.train_steps
+    monkeypatch.setattr(fastmlp.FusedMLP, "train_steps", lambda *a, **k: calls.append(1) or train_steps(*a, **k))
     many, many_steps = run()
+    assert len(calls) == 2 * 2  # two chunks per epoch
     monkeypatch.setattr(T.Trainer, "_cpu_fused_epoch", T.Trainer._stepwise_epoch)
     one, one_steps = run()
+    assert len(calls) == 4
     assert len(many_steps) == 2 * math.ceil(n / 64)
     assert [s for s, _ in many_steps] == list(range(1, len(many_steps) + 1))
     assert many_steps == one_steps
