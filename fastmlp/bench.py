@@ -561,15 +561,20 @@ def _step_compile(sizes, state):
     return step
 
 
-def _step_fastmlp_fused(sizes, state):
-    """FusedMLP.sgd_step: forward, loss, backward and the SGD update in one fused op."""
+def _fused_with_sgd(sizes, state, method):
+    """A FusedMLP starting from `state` and its torch.optim.SGD, for a variant that calls `method`."""
     import fastmlp
 
     model = fastmlp.FusedMLP(sizes)
-    if not hasattr(model, "sgd_step"):
-        raise RuntimeError("this fastmlp has no FusedMLP.sgd_step (whole-step op)")
+    if not hasattr(model, method):
+        raise RuntimeError(f"this fastmlp has no FusedMLP.{method}")
     model.load_state_dict(state)
-    opt = torch.optim.SGD(model.parameters(), **SGD)
+    return model, torch.optim.SGD(model.parameters(), **SGD)
+
+
+def _step_fastmlp_fused(sizes, state):
+    """FusedMLP.sgd_step: forward, loss, backward and the SGD update in one fused op."""
+    model, opt = _fused_with_sgd(sizes, state, "sgd_step")
 
     def step(x, y):
         return model.sgd_step(x, y, opt)
@@ -580,13 +585,7 @@ def _step_fastmlp_fused(sizes, state):
 def _steps_fastmlp(sizes, state):
     """FusedMLP.train_steps: the fused step, and in the epoch benchmark many steps per op (one call
     per eighth of an epoch, see TrainCase.sampler)."""
-    import fastmlp
-
-    model = fastmlp.FusedMLP(sizes)
-    if not hasattr(model, "train_steps"):
-        raise RuntimeError("this fastmlp has no FusedMLP.train_steps (many-step op)")
-    model.load_state_dict(state)
-    opt = torch.optim.SGD(model.parameters(), **SGD)
+    model, opt = _fused_with_sgd(sizes, state, "train_steps")
 
     def step(x, y):
         return model.train_steps(x, y, opt, len(y))[0]
