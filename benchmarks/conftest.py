@@ -32,6 +32,8 @@ def pytest_addoption(parser):
                 help="wall (default) or cpu: process CPU time, steadier on a shared machine with --fastmlp-threads 1")
     g.addoption("--fastmlp-no-compile", action="store_true", help="skip the torch.compile variants")
     g.addoption("--fastmlp-no-peak", action="store_true", help="skip the peak GEMM measurement")
+    g.addoption("--fastmlp-data", default=None, metavar="ROOT",
+                help="trainer cases: the datasets' root (MNIST/raw, FashionMNIST/raw); default: fastmlp.data's search")
     g.addoption("--fastmlp-json", default=None, metavar="PATH", help="write the results in `fastmlp bench --json` format")
 
 
@@ -53,6 +55,7 @@ class BenchSession:
             epoch_budget_s=opt("--fastmlp-epoch-budget") or None,
             variants=variants,
             timer=opt("--fastmlp-timer"),
+            data_root=opt("--fastmlp-data"),
         )
         self.runner = bench.Runner(self.settings)
         self.results = {}
@@ -74,7 +77,7 @@ class BenchSession:
                 self.results[case_id] = self.runner.run(case_id)
             except Exception as e:  # noqa: BLE001 - reported on every test of the case
                 self.results[case_id] = {"id": case_id, "kind": case_id.split("/")[0], "variants": {},
-                                         "speedup": {}, "error": bench._error_text(e)}
+                                         "speedup": {}, "error": bench.error_text(e)}
         return self.results[case_id]
 
     def record(self, benchmark, case_id, variant):
@@ -84,6 +87,8 @@ class BenchSession:
         v = r["variants"].get(variant)
         if v is None:
             pytest.skip(f"{variant} not run")
+        if v["status"] == "wrong":
+            pytest.fail(f"{case_id} {variant} does not compute what PyTorch computes: {v['error']}")
         if v["status"] != "ok":
             pytest.skip(f"{case_id} {variant}: n/a ({v['error']})")
         benchmark.group = case_id
@@ -91,7 +96,7 @@ class BenchSession:
             case=case_id,
             variant=variant,
             median_us=round(v["median_us"], 3),
-            gflops=round(v["gflops"], 3),
+            gflops=None if v["gflops"] is None else round(v["gflops"], 3),
             flops=r["flops"],
             speedup_vs_torch=r["speedup"].get("torch"),
             speedup_vs_compile=r["speedup"].get("compile"),
@@ -157,6 +162,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             "peak": sess.peak,
             "settings": {"rounds": s.rounds, "epoch_rounds": s.epoch_rounds, "chunk_s": s.chunk_s,
                          "epoch_steps": s.epoch_steps, "epoch_budget_s": s.epoch_budget_s, "variants": s.variants, "timer": s.timer,
+                         "data_root": s.data_root,
                          "threads": torch.get_num_threads(), "elapsed_s": elapsed},
             "results": list(sess.results.values()),
         }
