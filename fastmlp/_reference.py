@@ -52,7 +52,8 @@ def linear_bwd(gy, x, w, needs):
 
 
 def linear_relu_bwd(gy, x, w, mask, needs):
-    dz = gy * unpack_bits(mask, w.shape[0]).to(gy.dtype)
+    # where(), not gy * mask: a NaN in gy where the ReLU is off gives 0, as in PyTorch.
+    dz = torch.where(unpack_bits(mask, w.shape[0]), gy, 0)
     return linear_bwd(dz, x, w, needs)
 
 

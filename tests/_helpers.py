@@ -5,10 +5,16 @@ import torch
 
 import fastmlp
 
+# The "cuda" case carries the `cuda` marker: benchmarks/gpu_check.sh selects GPU tests with -m cuda, and
+# conftest.py checks that the compiled CUDA kernels serve every test so marked.
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
 ]
+
+# The CPU kernel families the extension compiles (csrc/cpu/dispatch.cpp), best first.
+COMPILED_CPU_ISAS = ("avx512", "avx2", "generic")
 
 
 def torch_train_step(model, opt, x, y):
@@ -21,8 +27,16 @@ def torch_train_step(model, opt, x, y):
 
 
 def cpu_isas():
+    """pytest parameters for the CPU kernels: every compiled family, those this CPU cannot run marked
+    skipped ("CPU lacks avx512"), so that a run says which kernels it did not test instead of leaving
+    them out; "fallback" alone without the compiled extension. The `isa` fixture (conftest.py) runs
+    a test once per entry."""
     info = fastmlp.backend_info()
-    return info.get("supported_cpu_isas", ["fallback"])
+    if not info["extension"]:
+        return ["fallback"]
+    supported = info["supported_cpu_isas"]
+    return [pytest.param(isa, marks=pytest.mark.skipif(isa not in supported, reason=f"CPU lacks {isa}"))
+            for isa in COMPILED_CPU_ISAS]
 
 
 def assert_close_to_truth(ours, theirs, truth, name, factor=4.0):

@@ -13,6 +13,43 @@ def _data_root() -> Path:
     return Path(os.environ.get("FASTMLP_TEST_DATA") or REPO_ROOT.parent / "shared" / "data").resolve()
 
 
+def pytest_generate_tests(metafunc):
+    # Parametrized here rather than in the fixture so that fastmlp is imported by the test modules
+    # (tests/test_cuda.py sets FASTMLP_CUDA_KERNELS before its import), not by this conftest.
+    if "isa" in metafunc.fixturenames:
+        from _helpers import cpu_isas
+        metafunc.parametrize("isa", cpu_isas(), indirect=True)
+
+
+@pytest.fixture
+def isa(request):
+    """Runs the test once per CPU kernel family (see _helpers.cpu_isas), selected with
+    fastmlp.set_cpu_isa and reset to "auto" afterwards; "fallback": the pure-PyTorch reference."""
+    import fastmlp
+    if request.param != "fallback":
+        fastmlp.set_cpu_isa(request.param)
+    yield request.param
+    if request.param != "fallback":
+        fastmlp.set_cpu_isa("auto")
+
+
+@pytest.fixture(autouse=True)
+def _cuda_tests_use_the_cuda_kernels(request):
+    """A test marked `cuda` must be served by fastmlp's compiled CUDA kernels: with a build that lacks
+    them the PyTorch reference serves CUDA tensors, and comparing it with nn.Linear would pass
+    without testing a kernel. FASTMLP_CUDA_KERNELS=0 (read by fastmlp/_ops.py) asks for the
+    reference on purpose and lifts the check."""
+    if request.node.get_closest_marker("cuda") is None or os.environ.get("FASTMLP_CUDA_KERNELS") == "0":
+        return
+    import torch
+    import fastmlp
+    if torch.cuda.is_available():  # without a GPU the test skips (skipif, or the test's own fixture)
+        assert fastmlp.backend("cuda") == "compiled", (
+            "a CUDA test ran on the PyTorch reference, not fastmlp's CUDA kernels: rebuild the extension with "
+            f"nvcc on PATH, or set FASTMLP_CUDA_KERNELS=0 to test the reference ({fastmlp.backend_info()})"
+        )
+
+
 @pytest.fixture
 def one_thread():
     """Runs the test with one torch thread: on a busy 2-core machine OpenMP spin-waiting makes

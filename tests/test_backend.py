@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastmlp
+from _helpers import COMPILED_CPU_ISAS
 
 # The probes must import the same fastmlp as this process (installed, editable or in-place build).
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastmlp.__file__)))
@@ -40,12 +41,16 @@ PROBE = textwrap.dedent(
 )
 
 
-def _probe(prelude="", **env):
-    code = PROBE.format(prelude=prelude)
-    run_env = {k: v for k, v in os.environ.items() if k != "FASTMLP_DISABLE_EXTENSION"}
+def _python(code, **env):
+    """Runs `code` in a fresh interpreter importing this fastmlp, with `env` added to the environment
+    (FASTMLP_DISABLE_EXTENSION and FASTMLP_CPU_ISA only as given there)."""
+    run_env = {k: v for k, v in os.environ.items() if k not in ("FASTMLP_DISABLE_EXTENSION", "FASTMLP_CPU_ISA")}
     run_env.update(PYTHONPATH=os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]), **env)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, cwd=PACKAGE_ROOT)
-    return proc
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, cwd=PACKAGE_ROOT)
+
+
+def _probe(prelude="", **env):
+    return _python(PROBE.format(prelude=prelude), **env)
 
 
 def _result(proc):
@@ -94,3 +99,50 @@ def test_extension_built_for_another_torch_says_rebuild():
     proc = _probe(prelude=prelude)
     assert proc.returncode != 0
     assert "built against torch 1.0.0" in proc.stderr and "Rebuild" in proc.stderr
+
+
+def _isa_case():
+    """A layer's inputs whose float32 output differs between the generic and the SIMD kernels."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(16, 300, generator=gen), torch.randn(24, 300, generator=gen), torch.randn(24, generator=gen)
+
+
+ISA_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import fastmlp
+    from test_backend import _isa_case
+    print(json.dumps({{"info": fastmlp.backend_info(), "out": fastmlp.linear(*_isa_case()).tolist()}}))
+    """
+)
+
+
+def test_compiled_cpu_isas_are_all_listed():
+    """Every kernel family this CPU runs is one that _helpers.cpu_isas() parametrizes the tests over."""
+    info = fastmlp.backend_info()
+    if not info["extension"]:
+        pytest.skip("no compiled extension")
+    assert set(info["supported_cpu_isas"]) <= set(COMPILED_CPU_ISAS), info
+    assert info["cpu_isa"] == info["supported_cpu_isas"][0]  # the best one by default
+
+
+@pytest.mark.parametrize("value", ["avx2", "generic", "sse9"])
+def test_cpu_isa_environment_variable(value):
+    """FASTMLP_CPU_ISA set before import picks the CPU kernels, as set_cpu_isa would; a value that is no
+    kernel family this CPU runs is ignored (the best one serves, as without it)."""
+    info = fastmlp.backend_info()
+    if not info["extension"]:
+        pytest.skip("no compiled extension")
+    if value in COMPILED_CPU_ISAS and value not in info["supported_cpu_isas"]:
+        pytest.skip(f"CPU lacks {value}")
+    proc = _python(ISA_PROBE.format(tests=os.path.dirname(os.path.abspath(__file__))), FASTMLP_CPU_ISA=value)
+    got = _result(proc)
+    expected = value if value in COMPILED_CPU_ISAS else info["supported_cpu_isas"][0]
+    assert got["info"]["cpu_isa"] == expected
+    fastmlp.set_cpu_isa(expected)
+    try:
+        want = fastmlp.linear(*_isa_case())
+    finally:
+        fastmlp.set_cpu_isa("auto")
+    assert torch.equal(torch.tensor(got["out"], dtype=want.dtype), want), "not the kernels set_cpu_isa selects"

@@ -72,9 +72,13 @@ def _grid(shape, scale, gen):
 
 
 @pytest.fixture
-def cuda_kernels():
+def cuda_kernels(request):
     """The hand-written kernels serve CUDA tensors; reduced-precision cuBLAS paths are off for the
     nn.Linear reference (and TF32 for our float32 path)."""
+    assert request.node.get_closest_marker("cuda") is not None, (
+        "a test using the cuda_kernels fixture must be marked @pytest.mark.cuda (benchmarks/gpu_check.sh "
+        "and -m cuda select GPU tests by that marker)"
+    )
     if not HAS_CUDA:
         pytest.skip("needs a CUDA GPU")
     assert BUILT_WITH_CUDA_KERNELS, (
@@ -148,6 +152,16 @@ def test_register_cuda_kernels_is_idempotent():
     _ops._C.register_cuda_kernels()
 
 
+
+def test_cuda_graph_step_refuses_a_cpu_model():
+    """Needs no GPU: on a machine without one (or with a CPU model anywhere) the error says why."""
+    model = fastmlp.FusedMLP([6, 4, 3])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="CUDAGraphStep needs a model on a CUDA device, got one on cpu"):
+        fastmlp.CUDAGraphStep(model, opt, batch_size=4)
+    with pytest.raises(TypeError, match="CUDAGraphStep needs a fastmlp.FusedMLP, got Sequential"):
+        fastmlp.CUDAGraphStep(model.to_torch(), opt, batch_size=4)
+
 # ---- GPU: parity with nn.Linear + nn.ReLU ----------------------------------------------------
 
 
@@ -164,6 +178,7 @@ def _models(k, n, bias, relu, dtype, gen):
     return (nn.Sequential(plain, nn.ReLU()) if relu else plain), fused, plain
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -196,6 +211,7 @@ def test_parity_with_nn_linear(cuda_kernels, m, k, n, dtype, relu, bias):
         torch.testing.assert_close(fused.bias.grad, plain.bias.grad, **TOL[dtype])
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_non_contiguous_inputs(cuda_kernels, dtype):
     m, k, n = 37, 50, 21
@@ -222,6 +238,7 @@ def test_non_contiguous_inputs(cuda_kernels, dtype):
             torch.testing.assert_close(a, e, **TOL[dtype])
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("needs", [[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], ids=str)
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
 def test_backward_needs(cuda_kernels, needs, relu):
@@ -255,6 +272,7 @@ RANDOM_TOL = {
 }
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", list(RANDOM_TOL), ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("m,k,n", [(64, 784, 256), (1000, 300, 257), (5000, 64, 300), (129, 1024, 1000)])
 def test_random_data_against_float64(cuda_kernels, m, k, n, dtype):
@@ -275,6 +293,7 @@ def test_random_data_against_float64(cuda_kernels, m, k, n, dtype):
         torch.testing.assert_close(g.double() / scale, e / scale, **RANDOM_TOL[dtype])
 
 
+@pytest.mark.cuda
 def test_tf32_path_is_exact_on_grid_data(cuda_kernels):
     """With TF32 allowed, float32 GEMMs run on tensor cores; grid data are exact in TF32."""
     if torch.cuda.get_device_capability()[0] < 8:
@@ -296,6 +315,7 @@ def test_tf32_path_is_exact_on_grid_data(cuda_kernels):
         torch.testing.assert_close(g, e, **EXACT)
 
 
+@pytest.mark.cuda
 def test_tf32_path_random_data(cuda_kernels):
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("TF32 needs sm_80+")
@@ -312,6 +332,7 @@ def test_tf32_path_random_data(cuda_kernels):
 # ---- GPU: gradcheck, determinism, streams, devices, errors ----------------------------------
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("fn", [fastmlp.functional.linear_relu, fastmlp.functional.linear], ids=["linear_relu", "linear"])
 def test_gradcheck_float64(cuda_kernels, fn, bias):
@@ -323,6 +344,7 @@ def test_gradcheck_float64(cuda_kernels, fn, bias):
     assert torch.autograd.gradcheck(lambda *a: fn(*a), inputs)
 
 
+@pytest.mark.cuda
 def test_deterministic(cuda_kernels):
     gen = torch.Generator(device="cuda").manual_seed(19)
     x = torch.randn(5000, 200, device="cuda", generator=gen)
@@ -338,6 +360,7 @@ def test_deterministic(cuda_kernels):
         assert torch.equal(a, e)
 
 
+@pytest.mark.cuda
 def test_runs_on_current_stream(cuda_kernels):
     gen = torch.Generator().manual_seed(23)
     x = _grid((512, 256), 0.25, gen).float().cuda()
@@ -351,6 +374,7 @@ def test_runs_on_current_stream(cuda_kernels):
     assert torch.equal(y, expected[0]) and torch.equal(mask, expected[1])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_second_device(cuda_kernels):
     gen = torch.Generator().manual_seed(29)
@@ -363,6 +387,7 @@ def test_second_device(cuda_kernels):
     assert torch.equal(y, e[0]) and torch.equal(mask, e[1])
 
 
+@pytest.mark.cuda
 def test_argument_errors(cuda_kernels):
     x = torch.randn(4, 3, device="cuda")
     w = torch.randn(5, 3, device="cuda")
@@ -384,6 +409,7 @@ def test_argument_errors(cuda_kernels):
         op.linear_bwd(torch.randn(4, 6, device="cuda"), x, w, [True, True, True])
 
 
+@pytest.mark.cuda
 def test_fused_mlp_training_step_matches_plain(cuda_kernels):
     gen = torch.Generator().manual_seed(31)
     sizes = [784, 128, 64, 10]
@@ -438,6 +464,7 @@ def _graph_steps(step, opt, batches, lrs):
 STEP_TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("momentum,weight_decay", [(0.9, 5e-4), (0.0, 0.0)], ids=["momentum", "plain"])
 @pytest.mark.parametrize("sizes,bias,batch", [
@@ -461,6 +488,7 @@ def test_mlp_sgd_step_matches_torch(cuda_kernels, sizes, bias, batch, momentum, 
         torch.testing.assert_close(p, q, **STEP_TOL[dtype])
 
 
+@pytest.mark.cuda
 def test_mlp_sgd_step_lr_scale_and_determinism(cuda_kernels):
     sizes = [784, 128, 64, 10]
     runs = []
@@ -484,6 +512,7 @@ def test_mlp_sgd_step_lr_scale_and_determinism(cuda_kernels):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.cuda
 def test_mlp_sgd_step_bad_target_changes_nothing(cuda_kernels):
     _, fused = _step_models([20, 8, 4], True, torch.float32, seed=9)
     opt = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
@@ -503,6 +532,7 @@ def test_mlp_sgd_step_bad_target_changes_nothing(cuda_kernels):
     assert torch.isfinite(fused.sgd_step(x, good, opt))
 
 
+@pytest.mark.cuda
 def test_mlp_sgd_step_cuda_argument_errors(cuda_kernels):
     _, fused = _step_models([20, 8, 4], True, torch.float32, seed=9)
     opt = torch.optim.SGD(fused.parameters(), lr=0.1)
@@ -519,6 +549,7 @@ def test_mlp_sgd_step_cuda_argument_errors(cuda_kernels):
                                        torch.ones(2, device="cuda"))
 
 
+@pytest.mark.cuda
 def test_cuda_graph_step_matches_torch(cuda_kernels):
     sizes = [784, 128, 64, 10]
     plain, fused = _step_models(sizes, True, torch.float32, seed=13)
@@ -543,6 +574,7 @@ def test_cuda_graph_step_matches_torch(cuda_kernels):
     assert step.captures == 2
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
 def test_cuda_graph_adam_step_matches_torch(cuda_kernels, cls):
     """Adam(capturable=True): step counts on the GPU, advanced inside the graph."""
@@ -566,6 +598,7 @@ def test_cuda_graph_adam_step_matches_torch(cuda_kernels, cls):
         torch.testing.assert_close(fopt.state[p]["exp_avg_sq"], popt.state[q]["exp_avg_sq"], rtol=2e-5, atol=1e-9)
 
 
+@pytest.mark.cuda
 def test_cuda_graph_step_errors(cuda_kernels):
     _, fused = _step_models([20, 8, 4], True, torch.float32, seed=9)
     opt = torch.optim.SGD(fused.parameters(), lr=0.1)
@@ -582,6 +615,7 @@ def test_cuda_graph_step_errors(cuda_kernels):
         step(torch.randn(4, 20, device="cuda"), torch.zeros(4, dtype=torch.int32, device="cuda"))
 
 
+@pytest.mark.cuda
 def test_trainer_uses_the_cuda_graph_step(cuda_kernels):
     from fastmlp import train as T
     from fastmlp.data import Split

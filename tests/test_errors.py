@@ -67,11 +67,27 @@ def test_backward_op_checks():
         ops.linear_bwd(torch.randn(4, 3, dtype=torch.float64), x, w, needs)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_mixed_devices():
+    """One CUDA tensor sends the call to the CUDA kernels, which name the tensor on the other device
+    (csrc/cuda/ops_cuda.cpp check_cuda, then csrc/checks.cpp against x's device)."""
+    if fastmlp.backend("cuda") != "compiled":
+        pytest.skip("FASTMLP_CUDA_KERNELS=0: PyTorch's reference serves CUDA tensors, with PyTorch's own errors")
     x, w, b = _xwb()
-    with pytest.raises(RuntimeError):
+    gy = torch.randn(4, 3)
+    needs = [True, True, True]
+    with pytest.raises(RuntimeError, match="linear_relu_fwd: x must be a CUDA tensor here, got one on cpu"):
         ops.linear_relu_fwd(x, w.cuda(), b)
+    with pytest.raises(RuntimeError, match=r"linear_fwd: w is on cpu but x is on cuda:\d"):
+        ops.linear_fwd(x.cuda(), w, None)
+    with pytest.raises(RuntimeError, match=r"linear_relu_fwd: b is on cpu but x is on cuda:\d"):
+        ops.linear_relu_fwd(x.cuda(), w.cuda(), b)
+    with pytest.raises(RuntimeError, match=r"linear_bwd: gy is on cpu but x is on cuda:\d"):
+        ops.linear_bwd(gy, x.cuda(), w.cuda(), needs)
+    _, mask = ops.linear_relu_fwd(x, w, b)
+    with pytest.raises(RuntimeError, match=r"linear_relu_bwd: mask is on cpu but x is on cuda:\d"):
+        ops.linear_relu_bwd(gy.cuda(), x.cuda(), w.cuda(), mask, needs)
 
 
 def test_unknown_cpu_isa():
