@@ -23,6 +23,14 @@ SHAPES = [  # (batch, in, out)
     (1, 784, 256),
     (0, 784, 256),
     (33, 17, 129),
+    # A handful of rows: the forward's dot-product path (csrc/cpu/gemm_impl.h, dot_block), with K
+    # tails, a partial column group and mask byte, and the crossovers either side.
+    (2, 784, 256),
+    (4, 33, 70),
+    (6, 784, 128),
+    (7, 64, 64),
+    (16, 100, 10),
+    (17, 100, 10),
 ]
 
 NAMES = ["output", "grad_input", "grad_weight", "grad_bias"]  # what _run returns, in order
@@ -154,13 +162,14 @@ def test_relu_at_exact_zero_follows_pytorch(isa, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_out", [1, 5, 8, 10, 64, 257])
-def test_mask_is_packed_relu_bits(isa, device, n_out):
+@pytest.mark.parametrize("rows", [1, 19])
+def test_mask_is_packed_relu_bits(isa, device, n_out, rows):
     torch.manual_seed(2)
-    x = torch.randn(19, 30, device=device)
+    x = torch.randn(rows, 30, device=device)
     w = torch.randn(n_out, 30, device=device)
     b = torch.randn(n_out, device=device)
     y, mask = torch.ops.fastmlp.linear_relu_fwd(x, w, b)
-    assert mask.dtype == torch.uint8 and mask.shape == (19, (n_out + 7) // 8)
+    assert mask.dtype == torch.uint8 and mask.shape == (rows, (n_out + 7) // 8)
     assert torch.equal(mask, pack_bits(y > 0))
 
 
@@ -218,12 +227,13 @@ def test_nan_preactivation_gradients_like_torch(where):
 
 
 @pytest.mark.parametrize("relu", [True, False], ids=["linear_relu", "linear"])
-def test_results_do_not_depend_on_thread_count(relu):
+@pytest.mark.parametrize("rows", [300, 6])
+def test_results_do_not_depend_on_thread_count(relu, rows):
     """Every output is summed in one fixed order, whatever the split over threads."""
     torch.manual_seed(3)
-    x = torch.randn(300, 784)
+    x = torch.randn(rows, 784)
     layer = (fastmlp.FusedLinearReLU if relu else fastmlp.Linear)(784, 256)
-    gy = torch.randn(300, 256)
+    gy = torch.randn(rows, 256)
     before = torch.get_num_threads()
     try:
         results = []

@@ -14,8 +14,8 @@ namespace fastmlp::cpu {
 // 6 x 64 floats: 24 accumulators + 4 B vectors + 1 broadcast of the 32 zmm registers; one
 // 128 x 64 float panel of B is 32 KiB and stays in L1 while all rows of A stream past it.
 const Kernels& kernels_avx512() {
-  using F = avx512::GemmImpl<avx512::VecAvx512F32, 6, 4, 128>;
-  using D = avx512::GemmImpl<avx512::VecAvx512F64, 6, 4, 128>;
+  using F = avx512::GemmImpl<avx512::VecAvx512F32, 6, 4, 128, 192, 8>;
+  using D = avx512::GemmImpl<avx512::VecAvx512F64, 6, 4, 128, 192, 8>;
   static const Kernels k{"avx512", F::table(), D::table()};
   return k;
 }

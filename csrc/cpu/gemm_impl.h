@@ -45,7 +45,8 @@ inline uint32_t read_bits(const uint8_t* row, int64_t j, int n) {
   return uint32_t((w >> shift) & low_bits(n));
 }
 
-template <class V, int MR, int NRV, int KC, int MC = 32 * MR>
+// V: lanes; MR x NRV vectors: the micro-tile; KC: K block; MC: row block; DQ: columns per dot tile.
+template <class V, int MR, int NRV, int KC, int MC = 32 * MR, int DQ = 4>
 struct GemmImpl {
   using T = typename V::T;
   using reg = typename V::reg;
@@ -296,8 +297,99 @@ struct GemmImpl {
     }
   }
 
+  // ---- few rows against a transposed B: dot products ------------------------------------------
+  // C(i, j) = A row i . B column j, both contiguous where they lie (B = w.T in the forward, so its
+  // columns are the weight's rows). For a handful of rows, packing B (reading and writing all of it
+  // once per call) would cost more than the product itself. Each tile keeps R x DQ vectors of partial
+  // sums over K, R rows sharing every load of B, and reduces them to scalars at the end.
+  static constexpr int kDotRowTile = 2;
+
+  template <int R>
+  static void dot_tile(const Gemm<T>& g, int64_t i0, int64_t j0, int nq, T* out) {
+    reg acc[R][DQ];
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < DQ; ++q) acc[r][q] = V::zero();
+    const T* ap[R];
+    for (int r = 0; r < R; ++r) ap[r] = g.a + (i0 + r) * g.a_rs;
+    const T* bp[DQ];  // columns past nq repeat the last one: computed and dropped, never out of bounds
+    for (int q = 0; q < DQ; ++q) bp[q] = g.b + (j0 + imin(q, nq - 1)) * g.b_cs;
+    const int64_t K = g.inner;
+    int64_t p = 0;
+    for (; p + L <= K; p += L) {
+      reg a[R];
+      for (int r = 0; r < R; ++r) a[r] = V::load(ap[r] + p);
+      for (int q = 0; q < DQ; ++q) {
+        const reg b = V::load(bp[q] + p);
+        for (int r = 0; r < R; ++r) acc[r][q] = V::fma(a[r], b, acc[r][q]);
+      }
+    }
+    if (p < K) {
+      const int n = int(K - p);
+      reg a[R];
+      for (int r = 0; r < R; ++r) a[r] = V::load_n(ap[r] + p, n);
+      for (int q = 0; q < DQ; ++q) {
+        const reg b = V::load_n(bp[q] + p, n);
+        for (int r = 0; r < R; ++r) acc[r][q] = V::fma(a[r], b, acc[r][q]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < nq; ++q) out[r * DQ + q] = V::hsum(acc[r][q]);
+  }
+
+  // The epilogue (bias, ReLU, mask) over row i's finished sums in C, columns [c0, c1); c0 is a
+  // multiple of 8 (col_align), so the row's mask bytes are whole.
+  static void finish_row(const Gemm<T>& g, int64_t i, int64_t c0, int64_t c1) {
+    T* c = g.c + i * g.ldc;
+    for (int64_t j0 = c0; j0 < c1; j0 += 64) {
+      const int n = int(imin(64, c1 - j0));
+      uint64_t bits = 0;
+      for (int q = 0; q * L < n; ++q) {
+        const int m = imin(L, n - q * L);
+        const int64_t j = j0 + q * L;
+        reg v = load_upto(c + j, m);
+        if (g.bias) v = V::add(v, load_upto(g.bias + j, m));
+        if (g.relu) {
+          bits |= uint64_t(V::gt0_bits(v) & low_bits(m)) << (q * L);
+          v = V::relu(v);
+        }
+        store_upto(c + j, v, m);
+      }
+      if (g.relu) {
+        uint8_t* mrow = g.mask + i * g.ldm + j0 / 8;
+        for (int k = 0; k < (n + 7) / 8; ++k) mrow[k] = uint8_t(bits >> (8 * k));
+      }
+    }
+  }
+
+  static void dot_block(const Gemm<T>& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    for (int64_t i0 = r0; i0 < r1; i0 += kDotRowTile) {
+      const int rows = int(imin(kDotRowTile, r1 - i0));
+      for (int64_t j0 = c0; j0 < c1; j0 += DQ) {
+        const int nq = int(imin(DQ, c1 - j0));
+        T sums[kDotRowTile * DQ];
+        if (rows == kDotRowTile) dot_tile<kDotRowTile>(g, i0, j0, nq, sums);
+        else dot_tile<1>(g, i0, j0, nq, sums);
+        for (int r = 0; r < rows; ++r)
+          for (int q = 0; q < nq; ++q) g.c[(i0 + r) * g.ldc + j0 + q] = sums[r * DQ + q];
+      }
+      if (g.bias || g.relu)
+        for (int r = 0; r < rows; ++r) finish_row(g, i0 + r, c0, c1);
+    }
+  }
+
+  // Whether g is a dot-product problem (see dot_block): up to kDotRows rows, or kDotRowsNarrow when
+  // C is at most kDotNarrowCols wide (a packed panel would then be mostly padding). The crossovers
+  // are measured (BENCHMARKS.md). Decided by the whole problem, never a thread's block of it, so
+  // that the summation order does not depend on the thread split.
+  static constexpr int64_t kDotRows = 6, kDotRowsNarrow = 16, kDotNarrowCols = 16;
+  static bool use_dot(const Gemm<T>& g) {
+    const bool few_rows = g.rows <= kDotRows || (g.cols <= kDotNarrowCols && g.rows <= kDotRowsNarrow);
+    return few_rows && g.b_rs == 1 && g.a_cs == 1 && g.update.kind == UpdateKind::kNone && g.mask_in == nullptr;
+  }
+
   static void gemm_block(const Gemm<T>& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     if (r1 <= r0 || c1 <= c0) return;
+    if (use_dot(g)) return dot_block(g, r0, r1, c0, c1);
     // Contiguous B rows are read in place: at these sizes a copy costs more than it saves.
     const bool pack_b = g.b_cs != 1;
     const bool pack_a_block = g.a_rs == 1 && g.a_cs != 1;

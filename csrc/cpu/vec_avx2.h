@@ -24,6 +24,11 @@ struct VecAvx2F32 {
   static inline void store(T* p, reg x) { _mm256_storeu_ps(p, x); }
   static inline void store_n(T* p, reg x, int n) { _mm256_maskstore_ps(p, lanes_below(n), x); }
   static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline T hsum(reg a) {  // halves added pairwise: (l + l+4), then (l + l+2), then (l + l+1)
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
   static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
@@ -74,6 +79,10 @@ struct VecAvx2F64 {
   static inline void store(T* p, reg x) { _mm256_storeu_pd(p, x); }
   static inline void store_n(T* p, reg x, int n) { _mm256_maskstore_pd(p, lanes_below(n), x); }
   static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+  static inline T hsum(reg a) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+  }
   static inline reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
   static inline reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }
   static inline reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }

@@ -22,6 +22,7 @@ struct VecAvx512F32 {
   static inline void store(T* p, reg x) { _mm512_storeu_ps(p, x); }
   static inline void store_n(T* p, reg x, int n) { _mm512_mask_storeu_ps(p, lanes_below(n), x); }
   static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline T hsum(reg a) { return _mm512_reduce_add_ps(a); }
   static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
@@ -77,6 +78,7 @@ struct VecAvx512F64 {
   static inline void store(T* p, reg x) { _mm512_storeu_pd(p, x); }
   static inline void store_n(T* p, reg x, int n) { _mm512_mask_storeu_pd(p, lanes_below(n), x); }
   static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+  static inline T hsum(reg a) { return _mm512_reduce_add_pd(a); }
   static inline reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
   static inline reg sub(reg a, reg b) { return _mm512_sub_pd(a, b); }
   static inline reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }

@@ -38,6 +38,14 @@ struct VecGeneric {
   static inline void store(T* p, const reg& x) {
     for (int l = 0; l < L; ++l) p[l] = x.v[l];
   }
+  // The sum of the lanes, pairwise (lane l + lane l + L/2, and so on down), as the wide ISAs do.
+  static inline T hsum(const reg& x) {
+    T t[L];
+    for (int l = 0; l < L; ++l) t[l] = x.v[l];
+    for (int w = L / 2; w >= 1; w /= 2)
+      for (int l = 0; l < w; ++l) t[l] += t[l + w];
+    return t[0];
+  }
   static inline void store_n(T* p, const reg& x, int n) {
     for (int l = 0; l < n; ++l) p[l] = x.v[l];
   }
