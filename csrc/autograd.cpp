@@ -115,9 +115,26 @@ Tensor linear_fwd_autograd(const Tensor& x, const Tensor& w, const std::optional
   return Linear::apply(x, w, b);
 }
 
+// mlp_forward is inference only: with grad mode on and any input requiring grad it refuses, rather
+// than return a result autograd cannot differentiate.
+Tensor mlp_forward_autograd(const Tensor& x, at::TensorList weights, at::TensorList biases, bool relu_last) {
+  static auto fwd = op<Tensor(const Tensor&, at::TensorList, at::TensorList, bool)>("fastmlp::mlp_forward");
+  if (at::GradMode::is_enabled()) {
+    bool wants_grad = x.requires_grad();
+    for (const Tensor& t : weights) wants_grad = wants_grad || t.requires_grad();
+    for (const Tensor& t : biases) wants_grad = wants_grad || t.requires_grad();
+    TORCH_CHECK(!wants_grad, "fastmlp::mlp_forward is inference only (no backward), but an input requires "
+                "grad; call it under torch.no_grad() / torch.inference_mode(), or use the layer ops "
+                "(FusedMLP does this choice itself)");
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return fwd.call(x, weights, biases, relu_last);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
+  m.impl("mlp_forward", &mlp_forward_autograd);
   m.impl("linear_relu_fwd", &linear_relu_fwd_autograd);
   m.impl("linear_fwd", &linear_fwd_autograd);
   m.impl("linear_relu_bwd", &linear_relu_bwd_autograd);

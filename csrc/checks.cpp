@@ -46,6 +46,31 @@ void check_mask(const char* op, const Tensor& mask, const Tensor& x, const Tenso
   TORCH_CHECK(mask.device() == x.device(), op, ": mask is on ", mask.device(), " but x is on ", x.device());
 }
 
+void check_mlp_forward_args(const char* op, const Tensor& x, at::TensorList weights, at::TensorList biases,
+                            DtypeRule rule) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (..., in_features), got a 0-d tensor");
+  TORCH_CHECK(rule.ok(x.scalar_type()), op, ": x must be ", rule.allowed, ", got ", x.scalar_type());
+  TORCH_CHECK(!weights.empty(), op, ": weights must not be empty");
+  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), op, ": biases must be empty or one per layer (",
+              weights.size(), "), got ", biases.size());
+  int64_t fan_in = x.size(-1);
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const Tensor& w = weights[l];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == fan_in, op, ": weights[", l, "] must have shape (*, ", fan_in,
+                ")", l == 0 ? " (x's last dimension)" : " (the width of the layer before)", ", got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), op, ": weights[", l, "] is ",
+                w.scalar_type(), " on ", w.device(), " but x is ", x.scalar_type(), " on ", x.device());
+    if (!biases.empty()) {
+      const Tensor& b = biases[l];
+      TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), op, ": biases[", l, "] must have shape (", w.size(0),
+                  ",), got ", b.sizes());
+      TORCH_CHECK(b.scalar_type() == x.scalar_type() && b.device() == x.device(), op, ": biases[", l, "] is ",
+                  b.scalar_type(), " on ", b.device(), " but x is ", x.scalar_type(), " on ", x.device());
+    }
+    fan_in = w.size(0);
+  }
+}
+
 void check_step_args(const char* op, const Tensor& x, const Tensor& target, at::TensorList weights,
                      at::TensorList biases, at::TensorList wbufs, at::TensorList bbufs, double momentum,
                      const std::optional<Tensor>& lr_scale) {

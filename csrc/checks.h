@@ -34,6 +34,12 @@ void check_adam_args(const char* op, const at::Tensor& x, const at::Tensor& targ
                      at::TensorList biases, at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
                      double beta1, double beta2, double eps, const std::optional<at::Tensor>& lr_scale);
 
+// Every argument of mlp_forward: x (..., in_features) of a dtype `rule` accepts, weights chaining from
+// its in_features (weights[l] has shape (*, width of layer l - 1)), biases empty or one (N,) per
+// layer, all of x's dtype and device.
+void check_mlp_forward_args(const char* op, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                            DtypeRule rule);
+
 // batch_size and lrs of the many-step ops (mlp_sgd_steps, mlp_adam_steps): batch_size >= 1 and one
 // learning rate per batch of x. Returns the number of steps.
 int64_t check_batches(const char* op, const at::Tensor& x, int64_t batch_size, at::ArrayRef<double> lrs);

@@ -11,6 +11,12 @@
 // (numpy.packbits(y > 0, axis=1, bitorder="little")). needs = [gx, gw, gb]; an output that is not
 // needed is returned as an empty tensor of shape (0,).
 //
+//   mlp_forward(x, weights, biases, relu_last=False) -> y
+// inference through a whole MLP in one op: y = relu(...relu(x @ w0.T + b0)...) @ wL.T + bL (with a
+// ReLU after the last layer too when relu_last), no masks, nothing saved for backward. x may have
+// any leading shape (..., in_features); y is (..., out_features of the last layer). biases may be
+// empty (no bias). Not differentiable: with grad mode on and an input that requires grad it raises.
+//
 //   mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay,
 //                lr_scale=None) -> loss
 // one training step of the MLP relu(...relu(x @ w0.T + b0)...) @ wL.T + bL with mean softmax
@@ -52,6 +58,7 @@ TORCH_LIBRARY(fastmlp, m) {
   m.def("linear_relu_bwd(Tensor gy, Tensor x, Tensor w, Tensor mask, bool[3] needs) -> (Tensor, Tensor, Tensor)");
   m.def("linear_fwd(Tensor x, Tensor w, Tensor? b) -> Tensor");
   m.def("linear_bwd(Tensor gy, Tensor x, Tensor w, bool[3] needs) -> (Tensor, Tensor, Tensor)");
+  m.def("mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, bool relu_last=False) -> Tensor");
   m.def(
       "mlp_sgd_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
       "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float lr, float momentum, float weight_decay, "

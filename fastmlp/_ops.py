@@ -1,8 +1,8 @@
 """Loads the compiled extension, or falls back to the pure-PyTorch reference, and gives every op of
 the `fastmlp` namespace its fake (meta) implementation and (for the fallback) its autograd formula.
 
-After import, torch.ops.fastmlp.{linear_relu_fwd, linear_relu_bwd, linear_fwd, linear_bwd, mlp_sgd_step,
-mlp_adam_step, mlp_sgd_steps, mlp_adam_steps} exist whatever the backend (schemas: csrc/ops.cpp).
+After import, torch.ops.fastmlp.{linear_relu_fwd, linear_relu_bwd, linear_fwd, linear_bwd, mlp_forward,
+mlp_sgd_step, mlp_adam_step, mlp_sgd_steps, mlp_adam_steps} exist whatever the backend (schemas: csrc/ops.cpp).
 
 Environment (read once, at import):
   FASTMLP_DISABLE_EXTENSION=1  ignore the compiled extension: the pure-PyTorch reference serves all
@@ -23,6 +23,7 @@ SCHEMAS = {
     " -> (Tensor, Tensor, Tensor)",
     "linear_fwd": "linear_fwd(Tensor x, Tensor w, Tensor? b) -> Tensor",
     "linear_bwd": "linear_bwd(Tensor gy, Tensor x, Tensor w, bool[3] needs) -> (Tensor, Tensor, Tensor)",
+    "mlp_forward": "mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, bool relu_last=False) -> Tensor",
     "mlp_sgd_step": "mlp_sgd_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
     "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float lr, float momentum, float weight_decay, "
     "Tensor? lr_scale=None) -> Tensor",
@@ -41,6 +42,7 @@ _REFERENCE = {
     "linear_relu_bwd": ref.linear_relu_bwd,
     "linear_fwd": ref.linear_fwd,
     "linear_bwd": ref.linear_bwd,
+    "mlp_forward": ref.mlp_forward,
     "mlp_sgd_step": ref.mlp_sgd_step,
     "mlp_adam_step": ref.mlp_adam_step,
     "mlp_sgd_steps": ref.mlp_sgd_steps,
@@ -147,6 +149,11 @@ def _(gy, x, w, needs):
     return _grad_shapes(x, w, needs)
 
 
+@torch.library.register_fake("fastmlp::mlp_forward")
+def _(x, weights, biases, relu_last=False):
+    return x.new_empty((*x.shape[:-1], weights[-1].shape[0]))
+
+
 @torch.library.register_fake("fastmlp::mlp_sgd_step")
 def _(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay, lr_scale=None):
     return x.new_empty(())
@@ -236,6 +243,17 @@ def _refuse_double_backward(ctx, *grads):
     raise RuntimeError(NO_DOUBLE_BACKWARD)
 
 
+MLP_FORWARD_NEEDS_NO_GRAD = (
+    "fastmlp::mlp_forward is inference only (no backward), but an input requires grad; call it under "
+    "torch.no_grad() / torch.inference_mode(), or use the layer ops (FusedMLP does this choice itself)"
+)
+
+
+def _refuse_grad(ctx, inputs, output):  # runs at the forward, only when autograd records the op
+    raise RuntimeError(MLP_FORWARD_NEEDS_NO_GRAD)
+
+
 if _C is None:  # the compiled extension refuses in C++ (csrc/autograd.cpp)
     for _name in ("fastmlp::linear_relu_bwd", "fastmlp::linear_bwd"):
         torch.library.register_autograd(_name, _refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+    torch.library.register_autograd("fastmlp::mlp_forward", _refuse_double_backward, setup_context=_refuse_grad)

@@ -57,6 +57,17 @@ def linear_relu_bwd(gy, x, w, mask, needs):
     return linear_bwd(dz, x, w, needs)
 
 
+def mlp_forward(x, weights, biases, relu_last=False):
+    """Inference through the MLP: relu after every layer but the last (and after it too when
+    relu_last), no masks."""
+    h = x
+    for i, w in enumerate(weights):
+        h = torch.nn.functional.linear(h, w, biases[i] if len(biases) else None)
+        if i + 1 < len(weights) or relu_last:
+            h = h.relu()
+    return h
+
+
 def _check_step(op, x, target, weights, lr, lr_scale):
     """The step ops' value checks (the compiled ops make the same); returns the learning rate."""
     if lr_scale is not None:

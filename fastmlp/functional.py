@@ -31,13 +31,25 @@ def _flatten(name, x, weight, bias):
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
+def _needs_grad(x, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
 def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """relu(x @ weight.T + bias) in one fused kernel; equals torch.relu(F.linear(x, weight, bias))."""
-    y, _ = torch.ops.fastmlp.linear_relu_fwd(_flatten("linear_relu", x, weight, bias), weight, bias)
+    """relu(x @ weight.T + bias) in one fused kernel; equals torch.relu(F.linear(x, weight, bias)).
+    Without a gradient to compute, no ReLU mask is made (the inference op, mlp_forward)."""
+    x2 = _flatten("linear_relu", x, weight, bias)
+    if not _needs_grad(x, weight, bias):
+        return torch.ops.fastmlp.mlp_forward(x, [weight], [] if bias is None else [bias], True)
+    y, _ = torch.ops.fastmlp.linear_relu_fwd(x2, weight, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias; equals F.linear(x, weight, bias)."""
-    y = torch.ops.fastmlp.linear_fwd(_flatten("linear", x, weight, bias), weight, bias)
+    x2 = _flatten("linear", x, weight, bias)
+    if not _needs_grad(x, weight, bias):
+        return torch.ops.fastmlp.mlp_forward(x, [weight], [] if bias is None else [bias])
+    y = torch.ops.fastmlp.linear_fwd(x2, weight, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])

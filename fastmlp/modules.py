@@ -67,6 +67,26 @@ class FusedMLP(nn.Sequential):
         super().__init__(layers)
         self.sizes = tuple(sizes)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers one after another. When no gradient is needed (torch.no_grad(), inference_mode,
+        or nothing requires grad) the whole forward is one op, mlp_forward: no per-layer dispatch, no
+        ReLU masks, nothing recorded for backward; same result within float32 rounding."""
+        if torch.is_grad_enabled() and (x.requires_grad or self._params_require_grad()):
+            return super().forward(x)
+        params = [m._parameters for m in self._modules.values()]
+        weights = [p["weight"] for p in params]
+        biases = [p["bias"] for p in params if p["bias"] is not None]
+        if len(biases) not in (0, len(weights)):  # some layers without a bias (edited by hand)
+            return super().forward(x)
+        return torch.ops.fastmlp.mlp_forward(x, weights, biases)
+
+    def _params_require_grad(self) -> bool:
+        for m in self._modules.values():
+            for p in m._parameters.values():
+                if p is not None and p.requires_grad:
+                    return True
+        return False
+
     def to_torch(self) -> nn.Sequential:
         """The same network as plain nn.Linear/nn.ReLU modules (plain_mlp), with copies of the weights."""
         first = self[0]

@@ -139,7 +139,7 @@ struct GemmImpl {
         }
         store_upto(cp, v, n);
       }
-      if (t.final && t.relu) {
+      if (t.final && t.mask) {
         uint8_t* m = t.mask + r * t.ldm;
         for (int k = 0; k < (t.ncols + 7) / 8; ++k) m[k] = uint8_t(bits >> (8 * k));
       }
@@ -354,7 +354,7 @@ struct GemmImpl {
         }
         store_upto(c + j, v, m);
       }
-      if (g.relu) {
+      if (g.mask) {
         uint8_t* mrow = g.mask + i * g.ldm + j0 / 8;
         for (int k = 0; k < (n + 7) / 8; ++k) mrow[k] = uint8_t(bits >> (8 * k));
       }
@@ -438,7 +438,7 @@ struct GemmImpl {
       t.bias = g.bias ? g.bias + j0 : nullptr;
       t.a = pack_a_block ? a_block + (i0 - m0) * kc : g.a + i0 * g.a_rs + pc * g.a_cs;
       t.c = c;
-      t.mask = g.relu ? g.mask + i0 * g.ldm + j0 / 8 : nullptr;
+      t.mask = g.mask ? g.mask + i0 * g.ldm + j0 / 8 : nullptr;
       t.mask_in = g.mask_in ? g.mask_in + i0 * g.ldm_in : nullptr;
       tile_rq(int(imin(MR, m1 - i0)), (ncols + L - 1) / L, !pack_b && ncols % L != 0, t);
     };

@@ -40,7 +40,8 @@ struct Update {
 // Optional epilogues on the finished sums, in this order:
 //   + bias[j];
 //   keep only where an input mask bit is set (backward through the previous layer's ReLU);
-//   ReLU, writing a 1-bit mask (bit (j % 8) of mask[i * ldm + j / 8] set iff the sum is > 0);
+//   ReLU, writing a 1-bit mask (bit (j % 8) of mask[i * ldm + j / 8] set iff the sum is > 0) when
+//   mask is given (inference needs none);
 //   or, instead of storing C, an optimizer `update` of a parameter shaped like C (its param / buf /
 //   buf2 with leading dimension ldc). When inner <= inner_block and B's rows are contiguous
 //   (b_cs == 1) the gradient never reaches C (c may be null); otherwise C holds it on the way.
@@ -55,12 +56,29 @@ struct Gemm {
   int64_t ldc = 0;
   const T* bias = nullptr;
   bool relu = false;
-  uint8_t* mask = nullptr;  // required when relu is set
+  uint8_t* mask = nullptr;  // with relu: where the ReLU bits go (null: not written)
   int64_t ldm = 0;
   const uint8_t* mask_in = nullptr;  // same packing as mask, ld = ldm_in
   int64_t ldm_in = 0;
   Update<T> update;
 };
+
+// The forward GEMM of a layer: y (M x N) = x (M x K) @ w.T + bias, x, w and y contiguous, then ReLU
+// when `relu` (writing its bits to mask, ld ceil(N / 8), unless mask is null).
+template <typename T>
+Gemm<T> layer_forward(int64_t M, int64_t K, int64_t N, const T* x, const T* w, const T* bias, T* y, bool relu,
+                      uint8_t* mask) {
+  Gemm<T> g;
+  g.rows = M, g.cols = N, g.inner = K;
+  g.a = x, g.a_rs = K, g.a_cs = 1;
+  g.b = w, g.b_rs = 1, g.b_cs = K;  // B = w.T
+  g.c = y, g.ldc = N;
+  g.bias = bias;
+  g.relu = relu;
+  g.mask = relu ? mask : nullptr;
+  g.ldm = (N + 7) / 8;
+  return g;
+}
 
 // One instruction set's kernels. Column ranges handed to gemm_block must start at a multiple of
 // `col_align` so that no two threads ever write the same mask byte.

@@ -31,16 +31,9 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x_, const Tensor& w_, const std
   Tensor y = at::empty({M, N}, x.options());
   Tensor mask = relu ? at::empty({M, div_up(N, 8)}, x.options().dtype(at::kByte)) : Tensor();
   if (M == 0 || N == 0) return {y, mask};
-  Gemm<T> g;
-  g.rows = M, g.cols = N, g.inner = K;
-  g.a = x.const_data_ptr<T>(), g.a_rs = K, g.a_cs = 1;
-  g.b = w.const_data_ptr<T>(), g.b_rs = 1, g.b_cs = K;  // B = w.T
-  g.c = y.mutable_data_ptr<T>(), g.ldc = N;
-  g.bias = b.defined() ? b.const_data_ptr<T>() : nullptr;
-  g.relu = relu;
-  g.mask = relu ? mask.mutable_data_ptr<uint8_t>() : nullptr;
-  g.ldm = div_up(N, 8);
-  run_gemm(table<T>(), g);
+  run_gemm(table<T>(), layer_forward<T>(M, K, N, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                         b.defined() ? b.const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>(),
+                                         relu, relu ? mask.mutable_data_ptr<uint8_t>() : nullptr));
   return {y, mask};
 }
 

@@ -118,14 +118,7 @@ class Stepper {
     auto input = [&](size_t l) -> const T* { return l == 0 ? x : out_[l - 1]; };
     for (size_t l = 0; l < L; ++l) {
       const int64_t N = width(l), K = fan_in(l);
-      Gemm<T> g;
-      g.rows = M, g.cols = N, g.inner = K;
-      g.a = input(l), g.a_rs = K, g.a_cs = 1;
-      g.b = w_[l], g.b_rs = 1, g.b_cs = K;
-      g.c = out_[l], g.ldc = N;
-      g.bias = b_[l];
-      if (l + 1 < L) g.relu = true, g.mask = masks_[l], g.ldm = div_up(N, 8);
-      run_gemm(k_, g);
+      run_gemm(k_, layer_forward<T>(M, K, N, input(l), w_[l], b_[l], out_[l], l + 1 < L, masks_[l]));
     }
 
     int which = 0;
