@@ -46,7 +46,8 @@ class BenchSession:
             torch.set_num_threads(opt("--fastmlp-threads"))
         variants = None
         if opt("--fastmlp-no-compile"):
-            variants = [v for v in dict.fromkeys([*bench.LAYER_VARIANTS, *bench.STEP_VARIANTS]) if v != "compile"]
+            every = dict.fromkeys([*bench.LAYER_VARIANTS, *bench.STEP_VARIANTS, *bench.INFER_VARIANTS])
+            variants = [v for v in every if v != "compile"]
         self.settings = bench.Settings(
             rounds=opt("--fastmlp-repeat"),
             chunk_s=opt("--fastmlp-chunk-ms") / 1e3,

@@ -255,6 +255,31 @@ def test_trainer_case_checks_and_times_the_trainer(tmp_path, monkeypatch):
     assert r["speedup"]["torch"] > 0
 
 
+def test_inference_case(tmp_path, monkeypatch, capsys):
+    status, doc = run_json(tmp_path, "infer.json", cases="infer/784-256-10/b1")
+    assert status == 0
+    [r] = doc["results"]
+    assert r["kind"] == "infer" and r["batch"] == 1 and r["ours"] == ["fastmlp"]
+    assert r["flops"] == 2 * (784 * 256 + 256 * 10)
+    for v in r["variants"].values():
+        check_variant(v)
+
+    class Wrong(nn.Module):  # the plain model with its output bias dropped
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x) - self.model[-1].bias
+
+    plain = bench.INFER_VARIANTS["torch"].build
+    monkeypatch.setitem(bench.INFER_VARIANTS, "fastmlp-bad",
+                        bench.Variant(lambda sizes, state: Wrong(plain(sizes, state)), ours=True))
+    status, doc = run_json(tmp_path, "infer2.json", cases="infer/784-256-10/b1")
+    assert status == 1 and doc["results"][0]["variants"]["fastmlp-bad"]["status"] == "wrong"
+    assert "FAILED: infer/784-256-10/b1: fastmlp-bad" in capsys.readouterr().out
+
+
 def test_trainer_epoch_check():
     ref = {"epoch": 1, "train_loss": 0.30, "val_accuracy": 0.95}
     assert bench.check_epoch({"epoch": 1, "train_loss": 0.301, "val_accuracy": 0.948}, ref) == []
@@ -274,11 +299,12 @@ def test_threads_restored_and_models_match(tmp_path):
 
 def test_case_selection():
     ids = bench.all_case_ids()
-    assert len(ids) == len(bench.LAYER_SHAPES) * 3 + 2 * len(bench.MODELS) + len(bench.DATASETS)
+    assert len(ids) == len(bench.LAYER_SHAPES) * 3 + 4 * len(bench.MODELS) + len(bench.DATASETS)
     assert bench.select_cases(["64x784x256/fwdbwd"]) == ["layer/64x784x256/fwdbwd"]
     assert bench.select_cases(["layer/8192x784x256*"]) == [f"layer/8192x784x256/{p}" for p in bench.PASSES]
     quick = bench.select_cases(bench.QUICK_CASES)
     assert "layer/64x784x256/fwdbwd" in quick and "epoch/784-128-64-10" in quick and "trainer/mnist" in quick
+    assert "infer/784-128-64-10/b1" in quick
     assert bench.main(["--cases", "no-such-case"]) == 2
     assert bench.select_cases(["layer/64x64x10/fwd"]) == ["layer/64x64x10/fwd"]
     assert bench.select_cases(["64x64x10/fwd"]) == ["layer/64x64x10/fwd", "layer/64x64x10/fwdbwd"]

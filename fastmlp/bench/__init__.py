@@ -11,6 +11,7 @@ The same code serves `pytest benchmarks/`. The modules, in the order a run uses 
     cases     what is benchmarked: layer shapes, models, datasets, case ids and selection
     variants  a variant (how to build it; fastmlp's own or a baseline)
     layers    layer cases: FusedLinearReLU vs nn.Linear + nn.ReLU, forward / backward / both
+    inference infer cases: a whole MLP's forward under inference_mode, FusedMLP vs the plain model
     training  step and epoch cases (step variants on random data) and trainer cases (`fastmlp train`'s
               Trainer, fused vs --backend torch)
     verify    the checks every variant passes before it is timed (a variant that fails is reported
@@ -32,6 +33,7 @@ from .cases import (BASELINES, BATCH, DATASETS, GEMMS_PER_PASS, LAYER_SHAPES, MO
                     all_case_ids, layer_id, select_cases)
 from .cli import SCHEMA, main, show, write_json
 from .compare import compare
+from .inference import INFER_VARIANTS, InferenceCase
 from .layers import LAYER_VARIANTS, LayerCase
 from .machine import LoadMonitor, cpu_model, machine_info, measure_peak, other_cpu_load
 from .report import format_machine, format_notes, format_tables, is_ours, wrong_variants
@@ -40,13 +42,13 @@ from .timing import TIMERS, calibrate, interleave, summarize
 from .training import (STEP_VARIANTS, TRAINER_VARIANTS, EpochPlan, Stepper, TrainCase, TrainerCase, eager_step, register_step_variant,
                        training_data)
 from .variants import Variant, error_text
-from .verify import check_epoch, check_layer, check_training
+from .verify import check_epoch, check_layer, check_output, check_training
 
 __all__ = [
-    "BASELINES", "BATCH", "DATASETS", "GEMMS_PER_PASS", "LAYER_SHAPES", "LAYER_VARIANTS", "MODELS", "PASSES",
+    "BASELINES", "BATCH", "DATASETS", "GEMMS_PER_PASS", "INFER_VARIANTS", "InferenceCase", "LAYER_SHAPES", "LAYER_VARIANTS", "MODELS", "PASSES",
     "QUICK_CASES", "SCHEMA", "SGD", "STEP_VARIANTS", "TIMERS", "TRAINER_VARIANTS", "EpochPlan", "LayerCase", "LoadMonitor", "Runner",
     "Settings", "Stepper", "TrainCase", "TrainerCase", "Variant", "all_case_ids", "calibrate", "check_epoch",
-    "check_layer", "check_training", "compare", "cpu_model", "eager_step", "error_text", "format_machine",
+    "check_layer", "check_output", "check_training", "compare", "cpu_model", "eager_step", "error_text", "format_machine",
     "format_notes", "format_tables", "interleave", "is_ours", "layer_id", "machine_info", "main", "measure",
     "measure_peak", "other_cpu_load", "register_step_variant", "select_cases", "show", "summarize", "training_data",
     "write_json", "wrong_variants",

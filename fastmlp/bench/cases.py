@@ -2,7 +2,8 @@
 
 Case ids: layer/MxKxN/PASS (one FusedLinearReLU against nn.Linear + nn.ReLU), step/MODEL and
 epoch/MODEL (training steps on a pre-made random set, every step variant), trainer/DATASET (whole
-epochs of `fastmlp train`'s own Trainer, fused against --backend torch).
+epochs of `fastmlp train`'s own Trainer, fused against --backend torch), infer/MODEL/bBATCH (the
+whole forward under torch.inference_mode()).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ MODELS = {
 # The trainer cases: fastmlp.models.SIZES' datasets.
 DATASETS = ("mnist", "fashion-mnist")
 
+INFER_BATCHES = (1, 64)
+
 # Step and epoch cases: an MNIST-sized training set, already tensors.
 EPOCH_SAMPLES = 60000
 BATCH = 64
@@ -40,6 +43,7 @@ QUICK_CASES = [
     "step/*",
     "epoch/*",
     "trainer/*",
+    "infer/*",
 ]
 
 
@@ -53,6 +57,7 @@ def all_case_ids():
     ids += [f"step/{name}" for name in MODELS]
     ids += [f"epoch/{name}" for name in MODELS]
     ids += [f"trainer/{name}" for name in DATASETS]
+    ids += [f"infer/{name}/b{batch}" for name in MODELS for batch in INFER_BATCHES]
     return ids
 
 

@@ -18,6 +18,7 @@ import torch
 
 from .cases import QUICK_CASES, all_case_ids, select_cases
 from .compare import compare
+from .inference import INFER_VARIANTS
 from .layers import LAYER_VARIANTS
 from .machine import machine_info, measure_peak
 from .report import fmt_time, format_machine, format_notes, format_tables, wrong_variants
@@ -114,7 +115,8 @@ def _run(args, argv, prog) -> int:
     if args.variants:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.no_compile:
-        variants = [v for v in (variants or list(dict.fromkeys([*LAYER_VARIANTS, *STEP_VARIANTS]))) if v != "compile"]
+        every = dict.fromkeys([*LAYER_VARIANTS, *STEP_VARIANTS, *INFER_VARIANTS])
+        variants = [v for v in (variants or every) if v != "compile"]
     rounds = args.repeat or (60 if mode == "full" else 30)
     settings = Settings(
         rounds=rounds,

@@ -54,11 +54,12 @@ TITLES = {
     "layer": "Layers: FusedLinearReLU vs nn.Linear+nn.ReLU",
     "train": "Training on random data (batch 64, SGD momentum 0.9)",
     "trainer": "Trainer epochs (`fastmlp train`'s own loop, default recipe), fused vs --backend torch",
+    "infer": "Inference (eval, torch.inference_mode()): FusedMLP vs the plain model",
 }
 
 
 def _group(r):
-    return "layer" if r["kind"] == "layer" else ("trainer" if r["kind"] == "trainer" else "train")
+    return r["kind"] if r["kind"] in ("layer", "trainer", "infer") else "train"
 
 
 def format_tables(results, peak=None, threads=None) -> str:

@@ -18,6 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from .cases import BASELINES, BATCH, SGD
+from .inference import INFER_VARIANTS, InferenceCase
 from .layers import LAYER_VARIANTS, LayerCase
 from .machine import LoadMonitor
 from .timing import TIMERS, calibrate, interleave, summarize
@@ -81,6 +82,8 @@ class Runner:
             return self._run_training(case_id, kind, rest)
         if kind == "trainer":
             return self._run_trainer(case_id, rest)
+        if kind == "infer":
+            return self._run_inference(case_id, rest)
         raise ValueError(f"unknown case {case_id!r}")
 
     def _run_layer(self, case_id, rest):
@@ -117,6 +120,15 @@ class Runner:
         # One epoch of warm-up, then epoch_rounds epochs per variant, taking turns by segment.
         return measure(case_id, kind, samplers, case, case.flops(kind), s.epoch_rounds * nseg, None, (nseg, 0.0),
                        info, group=nseg, scale=plan.scale)
+
+    def _run_inference(self, case_id, rest):
+        s = self.settings
+        model, _, batch = rest.partition("/b")
+        case = InferenceCase(model, int(batch), _filter_variants(INFER_VARIANTS, s.variants))
+        samplers = {name: case.sampler(name, self.clock) for name in case.models}
+        info = {"model": model, "sizes": list(case.sizes), "batch": case.batch, "mode": "torch.inference_mode()"}
+        return measure(case_id, "infer", samplers, case, case.flops(), s.rounds, s.chunk_s,
+                       (s.warmup_rounds, s.warmup_s), info)
 
     def _run_trainer(self, case_id, dataset):
         s = self.settings

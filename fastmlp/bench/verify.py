@@ -109,6 +109,21 @@ def check_layer(x, weight, bias, gy, y, gx, gw, gb, relu: bool = True) -> LayerC
     return check
 
 
+def check_output(out, reference, truth, factor: float = 4.0) -> str:
+    """"" when a float32 output is as close to the float64 truth as PyTorch's own float32 result
+    (`reference`) is, up to `factor` times its error (plus 1e-6 of the largest value); else what
+    differed. For a whole network, whose rounding no simple elementwise bound follows."""
+    if tuple(out.shape) != tuple(truth.shape):
+        return f"output shape {tuple(out.shape)}, expected {tuple(truth.shape)}"
+    truth = truth.double()
+    theirs = float((reference.double() - truth).abs().max()) if truth.numel() else 0.0
+    ours = float((out.detach().double() - truth).abs().max()) if truth.numel() else 0.0
+    tol = factor * theirs + 1e-6 * max(float(truth.abs().max()) if truth.numel() else 0.0, 1.0)
+    if not ours <= tol:
+        return f"output off the float64 truth by up to {ours:.3g} (PyTorch's float32: {theirs:.3g}; tolerance {tol:.3g})"
+    return ""
+
+
 def check_training(start: dict, ref_losses, ref_state: dict, losses, state: dict) -> list[str]:
     """What differs between a variant's run and the reference run, both from the parameters `start`
     (state_dicts) over the same steps: [] when the losses and every parameter's update agree."""
