@@ -6,6 +6,8 @@ mlp_sgd_step, mlp_adam_step, mlp_sgd_steps, mlp_adam_steps} exist whatever the b
 
 Environment (read once, at import):
   FASTMLP_DISABLE_EXTENSION=1  ignore the compiled extension: the pure-PyTorch reference serves all
+  FASTMLP_CPU_ISA=NAME         the CPU kernels to use (avx512, avx2, generic; read by the extension); a
+                               name this CPU cannot run warns and the best kernels serve
   FASTMLP_CUDA_KERNELS=0       serve CUDA tensors with the PyTorch reference instead of the
                                hand-written CUDA kernels (the default when the build has them)
 """
@@ -92,6 +94,14 @@ if _C is None:
     _LIBS.append(_lib)
     CUDA_KERNELS = False
 else:
+    _isa_env = os.environ.get("FASTMLP_CPU_ISA", "")
+    if _isa_env not in ("", "auto") and _C.cpu_isa() != _isa_env:
+        warnings.warn(
+            f"fastmlp: FASTMLP_CPU_ISA={_isa_env} is not a CPU kernel family this machine runs (it runs: "
+            f"{_C.supported_cpu_isas()}); using {_C.cpu_isa()}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     # CUDA tensors: the hand-written CUDA kernels (csrc/cuda) when the extension was built with them,
     # unless FASTMLP_CUDA_KERNELS=0 at import; otherwise the PyTorch reference (_reference.py).
     _cuda_env = os.environ.get("FASTMLP_CUDA_KERNELS", "")

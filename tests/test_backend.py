@@ -130,7 +130,7 @@ def test_compiled_cpu_isas_are_all_listed():
 @pytest.mark.parametrize("value", ["avx2", "generic", "sse9"])
 def test_cpu_isa_environment_variable(value):
     """FASTMLP_CPU_ISA set before import picks the CPU kernels, as set_cpu_isa would; a value that is no
-    kernel family this CPU runs is ignored (the best one serves, as without it)."""
+    kernel family this CPU runs warns and is ignored (the best one serves, as without it)."""
     info = fastmlp.backend_info()
     if not info["extension"]:
         pytest.skip("no compiled extension")
@@ -140,6 +140,7 @@ def test_cpu_isa_environment_variable(value):
     got = _result(proc)
     expected = value if value in COMPILED_CPU_ISAS else info["supported_cpu_isas"][0]
     assert got["info"]["cpu_isa"] == expected
+    assert (f"FASTMLP_CPU_ISA={value} is not a CPU kernel family" in proc.stderr) == (value != expected)
     fastmlp.set_cpu_isa(expected)
     try:
         want = fastmlp.linear(*_isa_case())

@@ -11,9 +11,11 @@ float32) counts as a mask flip, apart from real errors, instead of spoiling ever
 
 Training variants are checked against the eager PyTorch step after the same steps from the same
 weights: per-step losses within LOSS_TOL * max(1, |loss|), and each parameter's total update within
-UPDATE_TOL of the largest element of PyTorch's update. Measured: fastmlp's fused steps and
-torch.compile stay within ~1e-6 of both over the few dozen steps checked; an idle step (no update)
-is off by 100% and a step at half the learning rate by 50%.
+UPDATE_TOL of PyTorch's update (L2 norms). Not rounding-level tolerances: no check can avoid mask
+flips (a pre-activation within rounding of 0 lands on either side, and PyTorch's own float32 result
+moves with buffer alignment), after which that sample's gradient through that unit differs and
+momentum carries it on. The tolerances sit between the worst correct run and a step at 0.9x the
+learning rate (measured: BENCHMARKS.md, "How the benchmark checks"); an idle step is 100% off.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 EPS32 = torch.finfo(torch.float32).eps
-LOSS_TOL = 1e-4
-UPDATE_TOL = 1e-3
-# A whole epoch cannot be compared step for step: from a few hundred steps on, float32 rounding
-# differences grow chaotically (measured on MNIST at lr 0.02: 1e-7 at step 200, 1e-2 at step 290,
-# either way). Epochs of the trainer are held to the same learning outcome instead.
+LOSS_TOL = 1e-3
+UPDATE_TOL = 0.05
+# Whole epochs cannot be compared step for step: over hundreds of steps float32 rounding differences
+# grow chaotically (BENCHMARKS.md). Trainer epochs are held to the same learning outcome instead.
 EPOCH_LOSS_RTOL = 0.05
 EPOCH_ACCURACY_TOL = 0.02
 
@@ -142,12 +143,11 @@ def check_training(start: dict, ref_losses, ref_state: dict, losses, state: dict
             continue
         ref_update = ref_state[name].double() - s0.double()
         update = state[name].detach().cpu().double() - s0.double()
-        scale = float(ref_update.abs().max()) if ref_update.numel() else 0.0
-        diff = float((update - ref_update).abs().max()) if ref_update.numel() else 0.0
+        scale = float(ref_update.norm())
+        diff = float((update - ref_update).norm())
         if not diff <= UPDATE_TOL * scale:
             share = f"{100 * diff / scale:.3g}%" if scale else "all"
-            problems.append(f"update of {name}: off by up to {diff:.3g}, {share} of its largest element "
-                            f"(tolerance {100 * UPDATE_TOL:g}%)")
+            problems.append(f"update of {name}: off by {share} of PyTorch's (L2 norms; tolerance {100 * UPDATE_TOL:g}%)")
     return problems
 
 
