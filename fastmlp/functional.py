@@ -31,25 +31,42 @@ def _flatten(name, x, weight, bias):
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
+# The ops, looked up once (each torch.ops attribute access costs a dictionary walk per call).
+_linear_relu_fwd = torch.ops.fastmlp.linear_relu_fwd.default
+_linear_fwd = torch.ops.fastmlp.linear_fwd.default
+_mlp_forward = torch.ops.fastmlp.mlp_forward.default
+
+
 def _needs_grad(x, weight, bias) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad))
 
 
+# A 2-D input goes to the op as it is (the ops check shapes and dtypes themselves, with messages
+# naming the op and argument); other shapes are checked and flattened here first. Without a
+# gradient to compute, the inference op serves: no ReLU mask.
+
+
+def _as_2d(name, x, weight, bias):
+    """(x as (M, in_features), whether x was that already)."""
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() == 2:
+        return x, True
+    return _flatten(name, x, weight, bias), False
+
+
 def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """relu(x @ weight.T + bias) in one fused kernel; equals torch.relu(F.linear(x, weight, bias)).
-    Without a gradient to compute, no ReLU mask is made (the inference op, mlp_forward)."""
-    x2 = _flatten("linear_relu", x, weight, bias)
+    """relu(x @ weight.T + bias) in one fused kernel; equals torch.relu(F.linear(x, weight, bias))."""
+    x2, flat = _as_2d("linear_relu", x, weight, bias)
     if not _needs_grad(x, weight, bias):
-        return torch.ops.fastmlp.mlp_forward(x, [weight], [] if bias is None else [bias], True)
-    y, _ = torch.ops.fastmlp.linear_relu_fwd(x2, weight, bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+        return _mlp_forward(x, [weight], [] if bias is None else [bias], True)
+    y = _linear_relu_fwd(x2, weight, bias)[0]
+    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias; equals F.linear(x, weight, bias)."""
-    x2 = _flatten("linear", x, weight, bias)
+    x2, flat = _as_2d("linear", x, weight, bias)
     if not _needs_grad(x, weight, bias):
-        return torch.ops.fastmlp.mlp_forward(x, [weight], [] if bias is None else [bias])
-    y = torch.ops.fastmlp.linear_fwd(x2, weight, bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+        return _mlp_forward(x, [weight], [] if bias is None else [bias])
+    y = _linear_fwd(x2, weight, bias)
+    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])

@@ -17,7 +17,11 @@ def _xwb(m=4, k=5, n=3, dtype=torch.float32):
 
 def test_feature_mismatch_names_both_sizes():
     layer = fastmlp.FusedLinearReLU(5, 3)
+    with pytest.raises(RuntimeError, match="linear_relu_fwd: x has 6 features but w expects 5"):
+        layer(torch.randn(2, 6))
     with pytest.raises(RuntimeError, match="input has 6 features .* weight expects 5"):
+        layer(torch.randn(4, 2, 6))  # other shapes are checked in Python before flattening
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"mlp_forward: weights\[0\] must have shape \(\*, 6\)"):
         layer(torch.randn(2, 6))
 
 
