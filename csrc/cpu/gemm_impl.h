@@ -387,9 +387,45 @@ struct GemmImpl {
     return few_rows && g.b_rs == 1 && g.a_cs == 1 && g.update.kind == UpdateKind::kNone && g.mask_in == nullptr;
   }
 
+  // ---- a short sum against a B with contiguous rows: rank-KI updates, row by row ---------------
+  // dW at a batch of a few rows (inner = batch): a micro-tile's set-up and epilogue would cost far
+  // more than its KI multiply-adds per element, so each row of C is made in one streaming pass,
+  // its KI factors broadcast once. Summed in the same order as the tile (zero, then p ascending).
+  static constexpr int64_t kOuterInner = 4;
+  static bool use_outer(const Gemm<T>& g) {
+    return g.inner <= kOuterInner && g.b_cs == 1 && g.update.kind == UpdateKind::kNone && g.mask_in == nullptr;
+  }
+
+  template <int KI>
+  static void outer_rows(const Gemm<T>& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      reg a[KI > 0 ? KI : 1];
+      for (int p = 0; p < KI; ++p) a[p] = V::bcast(g.a[i * g.a_rs + p * g.a_cs]);
+      T* c = g.c + i * g.ldc;
+      for (int64_t j = c0; j < c1; j += L) {
+        const int n = int(imin(L, c1 - j));
+        reg v = V::zero();
+        for (int p = 0; p < KI; ++p) v = V::fma(a[p], load_upto(g.b + p * g.b_rs + j, n), v);
+        store_upto(c + j, v, n);
+      }
+      if (g.bias || g.relu) finish_row(g, i, c0, c1);
+    }
+  }
+
+  static void outer_block(const Gemm<T>& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    switch (g.inner) {
+      case 0: return outer_rows<0>(g, r0, r1, c0, c1);
+      case 1: return outer_rows<1>(g, r0, r1, c0, c1);
+      case 2: return outer_rows<2>(g, r0, r1, c0, c1);
+      case 3: return outer_rows<3>(g, r0, r1, c0, c1);
+      default: return outer_rows<4>(g, r0, r1, c0, c1);
+    }
+  }
+
   static void gemm_block(const Gemm<T>& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     if (r1 <= r0 || c1 <= c0) return;
     if (use_dot(g)) return dot_block(g, r0, r1, c0, c1);
+    if (use_outer(g)) return outer_block(g, r0, r1, c0, c1);
     // Contiguous B rows are read in place: at these sizes a copy costs more than it saves.
     const bool pack_b = g.b_cs != 1;
     const bool pack_a_block = g.a_rs == 1 && g.a_cs != 1;

@@ -35,8 +35,10 @@ inline int threads_for(int64_t work, int64_t threshold) {
 // per thread (dW + SGD at 64 x 784 -> 256: 225 instead of 253 us on two threads).
 template <typename T>
 void run_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
-  const int64_t nt =
-      threads_for(g.rows * g.cols * (2 * std::max<int64_t>(g.inner, 1) + kEpilogueFlops), kParallelFlops);
+  // A sum of at most 4 terms is one streaming pass over C (outer_block in gemm_impl.h): per element a
+  // store, not a micro-tile's set-up and epilogue.
+  const int64_t per_element = 2 * std::max<int64_t>(g.inner, 1) + (g.inner <= 4 ? 4 : kEpilogueFlops);
+  const int64_t nt = threads_for(g.rows * g.cols * per_element, kParallelFlops);
   if (nt == 1) {
     k.gemm_block(g, 0, g.rows, 0, g.cols);
     return;
