@@ -13,7 +13,8 @@
 # The experimental split-K FP32 GEMM (FASTMLP_CUDA_SPLITK=1, off by default) gets its own test group
 # and float32 / training-step benchmark runs, next to the default path's.
 # Every step has a time limit so that the whole script ends within 8 minutes. Logs go to $OUT (if
-# set) or to ./gpu_check_logs. Exit status: 0 only if the build and all tests passed.
+# set) or to ./gpu_check_logs. Exit status: 0 only if the build, all tests and every benchmark (each
+# checks its results before timing) passed.
 #
 # Needs pytest importable; if it is not installed, point FASTMLP_PYLIB at a folder holding the
 # (pure-Python) pytest, _pytest, pluggy, iniconfig and packaging packages.
@@ -98,12 +99,17 @@ run_tests other 120 "$T" --ignore "$T/test_cuda.py" -m cuda
 # experimental split-K FP32 GEMM is measured right after its default counterpart.
 DATA_ARG=()
 [ -n "${FASTMLP_DATA:-}" ] && DATA_ARG=(--data "$FASTMLP_DATA")
+# A benchmark that exits non-zero (a variant failed its check against PyTorch, or it timed out)
+# fails the whole check: its numbers cannot be trusted.
+BENCH_RC=0
 bench() {  # name, cap seconds, deadline (seconds since start), command...
   local name=$1 cap=$2 deadline=$3; shift 3
   local left=$(( deadline - $(elapsed) )); [ $left -gt $cap ] && left=$cap
   if [ $left -lt 15 ]; then say "no time left for $name"; return; fi
   say "$name (limit ${left}s)"
-  FASTMLP_CUDA_KERNELS=1 timeout $left "$PY" "$@" > "$LOGS/$name.txt" 2>&1 || say "$name FAILED or timed out (see $name.txt)"
+  if ! FASTMLP_CUDA_KERNELS=1 timeout $left "$PY" "$@" > "$LOGS/$name.txt" 2>&1; then
+    say "$name FAILED or timed out (see $name.txt)"; BENCH_RC=1
+  fi
   tail -20 "$LOGS/$name.txt"
 }
 bench bench 90 330 "$ROOT/benchmarks/gpu_bench.py" --reps 9 --batch-ms 10 --json "$LOGS/bench.json"
@@ -114,5 +120,5 @@ bench step_bench 150 440 "$ROOT/benchmarks/gpu_step_bench.py" "${DATA_ARG[@]}" -
 FASTMLP_CUDA_SPLITK=1 bench step_bench_splitk 60 480 "$ROOT/benchmarks/gpu_step_bench.py" "${DATA_ARG[@]}" \
   --no-compile --steps 200 --reps 5 --json "$LOGS/step_bench_splitk.json"
 
-say "done: tests rc=$TEST_RC"
-exit $TEST_RC
+say "done: tests rc=$TEST_RC, benchmarks rc=$BENCH_RC"
+[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ]
