@@ -1,5 +1,6 @@
-// Autograd for the layer ops, in C++ so a fused layer costs no Python on the way forward or back
-// (the Python registration in fastmlp/_ops.py serves the pure-PyTorch fallback). Works for every
+// Autograd for the layer ops and for their backward ops (double backward), in C++ so a fused layer
+// costs no Python on the way forward or back (the Python registration in fastmlp/_ops.py serves the
+// pure-PyTorch fallback). Works for every
 // device: the ops are re-dispatched below autograd to whatever kernel serves the tensors.
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -67,32 +68,69 @@ struct Linear : public torch::autograd::Function<Linear> {
   }
 };
 
-// The backward ops are not differentiable: double backward (create_graph=True through a fused
-// layer) is refused with a clear error at the second backward, instead of passing through autograd's
-// deprecated not-implemented fallback.
-constexpr const char* kNoDoubleBackward =
-    "fastmlp: double backward (a gradient of a gradient through a fused layer, e.g. create_graph=True "
-    "followed by a second backward) is not supported; use nn.Linear for that layer";
+// Double backward. With the ReLU mask held fixed, a layer's backward (dz = gy where the mask is
+// set; gx = dz @ w, gw = dz.T @ x, gb = dz.sum(0)) is bilinear in (gy, x, w), so its derivatives
+// are again GEMMs of the layer ops: given the gradients ggx, ggw, ggb of its outputs,
+//   d gy = mask * (ggx @ w.T + x @ ggw.T + ggb)     (linear_fwd(ggx, w) + linear_fwd(x, ggw, ggb))
+//   d x  = dz @ ggw                                   (linear_fwd(dz, ggw.T))
+//   d w  = dz.T @ ggx                                 (linear_fwd(dz.T, ggx.T))
+// The mask is a constant (it is flat almost everywhere, and PyTorch's ReLU does the same). The
+// layer ops used are differentiable themselves, so higher orders compose.
+Tensor apply_mask(const Tensor& g, const Tensor& mask, int64_t n) {
+  const Tensor shifts = at::arange(8, mask.options());
+  Tensor on = mask.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and(1).to(at::kBool);
+  on = on.reshape({mask.size(0), mask.size(1) * 8}).narrow(1, 0, n);
+  return at::where(on, g, at::zeros({}, g.options()));
+}
+
+template <bool kReLU>
+variable_list backward_of_backward(AutogradContext* ctx, const variable_list& gg) {
+  static auto linear = op<Fwd>("fastmlp::linear_fwd");
+  const auto saved = ctx->get_saved_variables();
+  const Tensor &gy = saved[0], &x = saved[1], &w = saved[2];
+  const int64_t n = w.size(0);
+  const auto computed = ctx->saved_data["needs"].toBoolList();  // which of gx, gw, gb the backward made
+  auto given = [&](size_t i) { return computed.get(i) && gg[i].defined(); };
+  const Tensor dz = kReLU ? apply_mask(gy, saved[3], n) : gy;
+  Tensor d_gy, d_x, d_w;
+  if (ctx->needs_input_grad(0)) {
+    Tensor s = at::zeros_like(gy);
+    if (given(0)) s = s.add(linear.call(gg[0], w, std::nullopt));
+    if (given(1)) s = s.add(linear.call(x, gg[1], std::nullopt));
+    if (given(2)) s = s.add(gg[2]);
+    d_gy = kReLU ? apply_mask(s, saved[3], n) : s;
+  }
+  if (ctx->needs_input_grad(1) && given(1)) d_x = linear.call(dz, gg[1].t(), std::nullopt);
+  if (ctx->needs_input_grad(2) && given(0)) d_w = linear.call(dz.t(), gg[0].t(), std::nullopt);
+  variable_list out{d_gy, d_x, d_w};
+  if (kReLU) out.emplace_back();  // mask
+  out.emplace_back();             // needs
+  return out;
+}
 
 struct LinearReLUBackward : public torch::autograd::Function<LinearReLUBackward> {
-  static variable_list forward(AutogradContext*, const Tensor& gy, const Tensor& x, const Tensor& w, const Tensor& mask,
-                               Needs n) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& gy, const Tensor& x, const Tensor& w,
+                               const Tensor& mask, Needs n) {
     static auto bwd = op<BwdReLU>("fastmlp::linear_relu_bwd");
     at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({gy, x, w, mask});
+    ctx->saved_data["needs"] = c10::List<bool>({n[0], n[1], n[2]});
     auto [gx, gw, gb] = bwd.call(gy, x, w, mask, n);
     return {gx, gw, gb};
   }
-  static variable_list backward(AutogradContext*, variable_list) { TORCH_CHECK(false, kNoDoubleBackward); }
+  static variable_list backward(AutogradContext* ctx, variable_list gg) { return backward_of_backward<true>(ctx, gg); }
 };
 
 struct LinearBackward : public torch::autograd::Function<LinearBackward> {
-  static variable_list forward(AutogradContext*, const Tensor& gy, const Tensor& x, const Tensor& w, Needs n) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& gy, const Tensor& x, const Tensor& w, Needs n) {
     static auto bwd = op<Bwd>("fastmlp::linear_bwd");
     at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({gy, x, w});
+    ctx->saved_data["needs"] = c10::List<bool>({n[0], n[1], n[2]});
     auto [gx, gw, gb] = bwd.call(gy, x, w, n);
     return {gx, gw, gb};
   }
-  static variable_list backward(AutogradContext*, variable_list) { TORCH_CHECK(false, kNoDoubleBackward); }
+  static variable_list backward(AutogradContext* ctx, variable_list gg) { return backward_of_backward<false>(ctx, gg); }
 };
 
 std::tuple<Tensor, Tensor, Tensor> linear_relu_bwd_autograd(const Tensor& gy, const Tensor& x, const Tensor& w,

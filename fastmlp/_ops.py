@@ -243,14 +243,35 @@ if _C is None:
     )
     torch.library.register_autograd("fastmlp::linear_fwd", _backward_linear, setup_context=_setup_linear)
 
-NO_DOUBLE_BACKWARD = (
-    "fastmlp: double backward (a gradient of a gradient through a fused layer, e.g. create_graph=True "
-    "followed by a second backward) is not supported; use nn.Linear for that layer"
-)
+def _setup_backward_op(ctx, inputs, output):
+    gy, x, w = inputs[:3]
+    ctx.relu = len(inputs) == 5  # linear_relu_bwd(gy, x, w, mask, needs) or linear_bwd(gy, x, w, needs)
+    ctx.computed = list(inputs[-1])
+    ctx.save_for_backward(gy, x, w, *([inputs[3]] if ctx.relu else []))
 
 
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(NO_DOUBLE_BACKWARD)
+def _backward_of_backward(ctx, ggx, ggw, ggb):
+    """The backward ops' own derivatives, with the mask held fixed (the formulas: csrc/autograd.cpp)."""
+    gy, x, w, *mask = ctx.saved_tensors
+    linear = torch.ops.fastmlp.linear_fwd
+    on = ref.unpack_bits(mask[0], w.shape[0]) if ctx.relu else None
+    given = [c and g is not None for c, g in zip(ctx.computed, (ggx, ggw, ggb))]
+    dz = torch.where(on, gy, 0) if ctx.relu else gy
+    d_gy = d_x = d_w = None
+    if ctx.needs_input_grad[0]:
+        s = torch.zeros_like(gy)
+        if given[0]:
+            s = s + linear(ggx, w, None)
+        if given[1]:
+            s = s + linear(x, ggw, None)
+        if given[2]:
+            s = s + ggb
+        d_gy = torch.where(on, s, 0) if ctx.relu else s
+    if ctx.needs_input_grad[1] and given[1]:
+        d_x = linear(dz, ggw.t(), None)
+    if ctx.needs_input_grad[2] and given[0]:
+        d_w = linear(dz.t(), ggx.t(), None)
+    return (d_gy, d_x, d_w) + (None,) * (2 if ctx.relu else 1)  # mask, needs
 
 
 MLP_FORWARD_NEEDS_NO_GRAD = (
@@ -263,7 +284,11 @@ def _refuse_grad(ctx, inputs, output):  # runs at the forward, only when autogra
     raise RuntimeError(MLP_FORWARD_NEEDS_NO_GRAD)
 
 
-if _C is None:  # the compiled extension refuses in C++ (csrc/autograd.cpp)
+def _no_backward(ctx, *grads):  # never reached: _refuse_grad raised at the forward
+    raise RuntimeError(MLP_FORWARD_NEEDS_NO_GRAD)
+
+
+if _C is None:  # the compiled extension registers these in C++ (csrc/autograd.cpp)
     for _name in ("fastmlp::linear_relu_bwd", "fastmlp::linear_bwd"):
-        torch.library.register_autograd(_name, _refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
-    torch.library.register_autograd("fastmlp::mlp_forward", _refuse_double_backward, setup_context=_refuse_grad)
+        torch.library.register_autograd(_name, _backward_of_backward, setup_context=_setup_backward_op)
+    torch.library.register_autograd("fastmlp::mlp_forward", _no_backward, setup_context=_refuse_grad)

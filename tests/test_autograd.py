@@ -82,12 +82,3 @@ def test_torch_compile_fullgraph_matches_eager(device):
     torch.testing.assert_close(compiled_loss, eager_loss)
     for got, want in zip([p.grad for p in model.parameters()], eager_grads):
         torch.testing.assert_close(got, want)
-
-
-@pytest.mark.parametrize("cls", [fastmlp.FusedLinearReLU, fastmlp.Linear])
-def test_double_backward_is_refused(cls):
-    x = torch.randn(3, 4, requires_grad=True)
-    layer = cls(4, 5)
-    (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
-        torch.autograd.grad(g.sum(), layer.weight)
