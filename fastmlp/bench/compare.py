@@ -60,9 +60,12 @@ def compare(old: dict, new: dict, threshold: float = 0.10, criteria: str = "both
         report.append(markdown(headers, rows))
     else:
         report.append("(no case in common)")
-    om, nm = old.get("machine", {}), new.get("machine", {})
-    diffs = [k for k in ("cpu", "cores", "threads", "torch") if om.get(k) != nm.get(k)]
+    # The same CPU model name can hide another kernel family (the ISA fastmlp ran).
+    facts = lambda m: {"cpu": m.get("cpu"), "cpu_isa": m.get("backend", {}).get("cpu_isa"),  # noqa: E731
+                       "cores": m.get("cores"), "threads": m.get("threads"), "torch": m.get("torch")}
+    of, nf = facts(old.get("machine", {})), facts(new.get("machine", {}))
+    diffs = [k for k in of if of[k] != nf[k]]
     if diffs:
-        report.append("\nwarning: the runs differ in " + ", ".join(f"{k} ({om.get(k)} vs {nm.get(k)})" for k in diffs))
+        report.append("\nwarning: the runs differ in " + ", ".join(f"{k} ({of[k]} vs {nf[k]})" for k in diffs))
     report.append(f"\n{len(regressions)} regression(s)")
     return regressions, "\n".join(report)
