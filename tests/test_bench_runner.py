@@ -198,6 +198,10 @@ def test_wrong_step_variant_fails_the_run(tmp_path, monkeypatch, capsys, build):
         assert bad["status"] == "wrong" and "update of" in bad["error"]
         assert "fastmlp-bad" not in r["speedup_vs_torch"] and r["variants"]["fastmlp-step"]["status"] == "ok"
         assert f"FAILED: {r['id']}: fastmlp-bad" in out
+    # Checked against eager torch even when torch is not among the variants timed.
+    status, doc = run_json(tmp_path, "alone.json", "--variants", "fastmlp-bad", cases="step/784-256-10")
+    assert status == 1 and set(doc["results"][0]["variants"]) == {"fastmlp-bad"}
+    assert doc["results"][0]["variants"]["fastmlp-bad"]["status"] == "wrong"
 
 
 def test_training_cases_and_step_registry(tmp_path, monkeypatch):

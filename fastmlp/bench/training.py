@@ -185,25 +185,25 @@ class TrainCase:
         reset_dynamo()
         names = list(variants or registry)
         runs = {}
-        for vname in sorted(names, key=lambda v: v != "torch"):  # the reference first
+        # The reference runs first, and also when it is not among the variants timed.
+        for vname in ["torch"] + [v for v in names if v != "torch"]:
             try:
-                stepper = registry[vname].build(self.sizes, {k: v.clone() for k, v in start.items()})
+                variant = registry.get(vname) or STEP_VARIANTS[vname]
+                stepper = variant.build(self.sizes, {k: v.clone() for k, v in start.items()})
                 runs[vname] = _run_check_steps(stepper, self.X, self.Y)  # also the warm-up (and compilation)
-                self.steppers[vname] = stepper
+                if vname in names:
+                    self.steppers[vname] = stepper
             except Exception as e:  # noqa: BLE001 - reported as n/a
                 self.errors[vname] = error_text(e)
         ref = runs.get("torch")
-        if ref is None:
-            if "torch" in names:  # nothing to check against
-                for vname in list(self.steppers):
-                    self.wrong[vname] = "not checked: the torch reference failed"
-                    del self.steppers[vname]
-            return
-        for vname, (losses, state) in runs.items():
-            problems = check_training(start, ref[0], ref[1], losses, state)
+        for vname in list(self.steppers):
+            problems = ["not checked: the torch reference failed"] if ref is None else \
+                check_training(start, ref[0], ref[1], *runs[vname])
             if problems:
                 self.wrong[vname] = "; ".join(problems)
                 del self.steppers[vname]
+        if "torch" not in names:
+            self.errors.pop("torch", None)
 
     def _layer_flops(self, batch):
         # Per step: forward 1 GEMM per layer; backward dW per layer and dX for every layer but the
@@ -314,10 +314,11 @@ class TrainerCase:
         self.wrong: dict[str, str] = {}
         self.trainers = {}
         self.history: dict[str, list] = {}
-        # The strict check: a short run, step by step.
+        # The strict check: a short run, step by step, against the torch trainer (run for the check
+        # even when it is not among the variants timed).
         short = {k: (v.subset(TRAINER_CHECK_SAMPLES) if k == "train" else v) for k, v in self.splits.items()}
         runs = {}
-        for name in names:
+        for name in ["torch"] + [v for v in names if v != "torch"]:
             try:
                 config = default_config(dataset, backend=TRAINER_VARIANTS[name])
                 trainer = Trainer(config, short)
@@ -325,17 +326,19 @@ class TrainerCase:
                 losses = []
                 trainer.train_epoch(on_step=lambda step, loss: losses.append(float(loss)))
                 runs[name] = (start, losses, trainer.model.state_dict())
-                self.trainers[name] = Trainer(config, self.splits)
-                self.history[name] = []
+                if name in names:
+                    self.trainers[name] = Trainer(config, self.splits)
+                    self.history[name] = []
             except Exception as e:  # noqa: BLE001 - reported as n/a
-                self.errors[name] = error_text(e)
-        if "torch" in runs:
-            start, ref_losses, ref_state = runs["torch"]
-            for name, (_, losses, state) in runs.items():
-                problems = check_training(start, ref_losses, ref_state, losses, state)
-                if problems:
-                    self.wrong[name] = "; ".join(problems)
-                    self.trainers.pop(name)
+                if name in names:
+                    self.errors[name] = error_text(e)
+        ref = runs.get("torch")
+        for name in list(self.trainers):
+            problems = ["not checked: the torch reference failed"] if ref is None else \
+                check_training(ref[0], ref[1], ref[2], *runs[name][1:])
+            if problems:
+                self.wrong[name] = "; ".join(problems)
+                self.trainers.pop(name)
 
     def sampler(self, name) -> Sampler:
         """Each iteration trains one epoch and returns the epoch's seconds as the trainer measures
