@@ -5,7 +5,8 @@ kernel launches and a pass through Python and the dispatcher for each."""
 import torch
 
 from . import _ops
-from .modules import FusedMLP, step_kind
+from .modules import FusedMLP
+from .step_binding import bind, step_kind, validated
 
 
 class CUDAGraphStep:
@@ -39,12 +40,12 @@ class CUDAGraphStep:
         if not _ops.CUDA_KERNELS:
             raise RuntimeError(
                 "CUDAGraphStep needs fastmlp's compiled CUDA kernels, which are not active here "
-                f"(fastmlp.backend('cuda') == 'fallback'; see fastmlp.backend_info())"
+                "(fastmlp.backend('cuda') == 'fallback'; see fastmlp.backend_info())"
             )
         if int(batch_size) <= 0:
             raise ValueError(f"CUDAGraphStep: batch_size must be positive, got {batch_size}")
         self.kind = step_kind(optimizer, "CUDAGraphStep")
-        _, _, group = model._step_params(optimizer, self.kind)  # validates now rather than at the first step
+        _, _, group = validated(model, optimizer, self.kind)  # now rather than at the first step
         if self.kind == "adam" and not (group["capturable"] or group["fused"]):
             raise ValueError(
                 "CUDAGraphStep needs an Adam/AdamW optimizer created with capturable=True: a captured graph "
@@ -60,13 +61,6 @@ class CUDAGraphStep:
         self._loss = None
         self.captures = 0  # how many times the step was captured (for tests and the curious)
 
-    def _args(self):
-        """The op, its arguments between x, target and lr_scale (lr set to 1: the learning rate comes
-        from lr_scale), the learning rate, and the key that says whether the captured graph still applies."""
-        op, tensors, lr, hyper = self.model._step_args(self.optimizer, self.kind)
-        key = (hyper, tuple((t.data_ptr(), t.dtype, t.shape) for ts in tensors for t in ts))
-        return op, (*tensors, 1.0, *hyper), lr, key
-
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[0] != self.batch_size:
             return self.model.train_step(x, target, self.optimizer)
@@ -80,24 +74,25 @@ class CUDAGraphStep:
                 f"CUDAGraphStep: target must be an int64 tensor of shape ({self.batch_size},) on "
                 f"{self._y.device}, got {target.dtype} {tuple(target.shape)} on {target.device}"
             )
-        op, args, lr, key = self._args()
+        args = bind(self.model, self.optimizer, self.kind)
+        key = args.graph_key()
         if key != self._key:
-            self._capture(op, args)
+            self._capture(args)
             self._key = key
-        if lr != self._lr_value:
-            self._lr.fill_(lr)
-            self._lr_value = lr
+        if args.lr != self._lr_value:
+            self._lr.fill_(args.lr)
+            self._lr_value = args.lr
         self._x.copy_(x)
         self._y.copy_(target)
         self._graph.replay()
         return self._loss
 
-    def _capture(self, op, args):
+    def _capture(self, args):
         self._graph = self._loss = None  # frees the previous graph's memory pool first
         graph = torch.cuda.CUDAGraph()
         # Capture records the launches without running them: nothing is updated here. The capture
         # stream must belong to the model's device, which need not be the current one.
         with torch.cuda.device(self._x.device), torch.cuda.graph(graph):
-            loss = op(self._x, self._y, *args, lr_scale=self._lr)
+            loss = args.step(self._x, self._y, lr=1.0, lr_scale=self._lr)  # the learning rate: lr_scale
         self._graph, self._loss = graph, loss
         self.captures += 1

@@ -3,7 +3,6 @@ state_dict keys), FusedMLP stacks them, convert() rewrites an existing model in 
 Linear -> ReLU pairs."""
 
 import copy
-import operator
 from collections import OrderedDict
 from typing import Sequence
 
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from .step_binding import bind, step_kind
 
 
 class FusedLinearReLU(nn.Linear):
@@ -106,8 +106,7 @@ class FusedMLP(nn.Sequential):
         around it. Parameters' .grad is not written. Returns the loss (a detached scalar tensor).
         """
         self._check_input("sgd_step", x)
-        op, tensors, lr, hyper = self._step_args(optimizer, "sgd")
-        return _without_grad(op, x, target, *tensors, lr, *hyper)
+        return _without_grad(bind(self, optimizer, "sgd").step, x, target)
 
     def adam_step(self, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Adam) -> torch.Tensor:
         """sgd_step's twin for torch.optim.Adam and torch.optim.AdamW (any lr, betas, eps, weight_decay;
@@ -120,8 +119,7 @@ class FusedMLP(nn.Sequential):
         them as torch does), so state_dict() checkpoints, LR schedulers and ordinary steps keep working
         around it. Returns the loss (a detached scalar tensor)."""
         self._check_input("adam_step", x)
-        op, tensors, lr, hyper = self._step_args(optimizer, "adam")
-        return _without_grad(op, x, target, *tensors, lr, *hyper)
+        return _without_grad(bind(self, optimizer, "adam").step, x, target)
 
     def train_step(self, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """sgd_step or adam_step, as `optimizer` (torch.optim.SGD, Adam or AdamW) calls for."""
@@ -148,85 +146,16 @@ class FusedMLP(nn.Sequential):
             raise ValueError(
                 f"FusedMLP.train_steps: target must have shape ({x.shape[0]},), got {tuple(target.shape)}")
         count = -(-x.shape[0] // batch_size)
-        op, tensors, lr, hyper = self._step_args(optimizer, kind, many=True)
-        lrs = [lr] * count if lrs is None else [float(v) for v in lrs]
+        args = bind(self, optimizer, kind)
+        lrs = [args.lr] * count if lrs is None else [float(v) for v in lrs]
         if len(lrs) != count:
             raise ValueError(
                 f"FusedMLP.train_steps: lrs must hold one learning rate per step ({count}), got {len(lrs)}")
-        return _without_grad(op, x, target, batch_size, *tensors, lrs, *hyper)
-
-    def _step_args(self, optimizer, kind, many=False):
-        """(op, tensor-list arguments, lr, hyper-parameter arguments) of the whole-step op of `kind` for
-        `optimizer`, in the op's order: op(x, target, *tensors, lr, *hyper); with `many`, of the
-        many-step op: op(x, target, batch_size, *tensors, lrs, *hyper). The optimizer's state is
-        looked up every step (optimizer.load_state_dict() replaces it) and started as torch starts it."""
-        weights, biases, group = self._step_params(optimizer, kind)
-        if kind == "sgd":
-            momentum = float(group["momentum"])
-            bufs = [self._momentum_buffer(optimizer.state, p) for p in weights + biases] if momentum else []
-            tensors = (weights, biases, bufs[: len(weights)], bufs[len(weights) :])
-            op = torch.ops.fastmlp.mlp_sgd_steps if many else torch.ops.fastmlp.mlp_sgd_step
-            return op, tensors, float(group["lr"]), (momentum, float(group["weight_decay"]))
-        states = [self._adam_state(optimizer, group, p) for p in weights + biases]
-        tensors = (weights, biases, *([s[k] for s in states] for k in ("exp_avg", "exp_avg_sq", "step")))
-        beta1, beta2 = group["betas"]
-        hyper = (float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                 bool(group.get("decoupled_weight_decay", False)))
-        op = torch.ops.fastmlp.mlp_adam_steps if many else torch.ops.fastmlp.mlp_adam_step
-        return op, tensors, float(group["lr"]), hyper
+        return _without_grad(args.steps, x, target, batch_size, lrs)
 
     def _check_input(self, method, x):
         if x.dim() != 2 or x.shape[1] != self.sizes[0]:
             raise ValueError(f"FusedMLP.{method}: x must have shape (batch, {self.sizes[0]}), got {tuple(x.shape)}")
-
-    def _step_params(self, optimizer, kind):
-        """(weights, biases, hyper-parameter group) for a whole-step op of `kind` ("sgd" or "adam"),
-        fully validated once per optimizer and configuration and then only checked for changes
-        (see _StepCache)."""
-        groups = optimizer.param_groups
-        cached = self.__dict__.get("_step_cache")
-        if cached is not None and cached.kind == kind and cached.holds(self, optimizer, groups):
-            return cached.weights, cached.biases, groups[0]
-        method = f"FusedMLP.{kind}_step"
-        types, keys = _STEP_OPTIMIZERS[kind]
-        if type(optimizer) not in types:
-            names = " or ".join(f"torch.optim.{t.__name__}" for t in types)
-            raise TypeError(f"{method} needs a {names} optimizer, got {type(optimizer).__name__}")
-        if any(any(g.get(k) != groups[0].get(k) for k in ("lr",) + keys) for g in groups):
-            raise ValueError(f"{method}: all parameter groups must share their hyper-parameters")
-        group = groups[0]
-        unsupported = [k for k in _UNSUPPORTED[kind] if group.get(k)]
-        if unsupported:
-            raise ValueError(f"{method} does not support {', '.join(unsupported)}")
-        weights = [layer.weight for layer in self]
-        biases = [layer.bias for layer in self if layer.bias is not None]
-        owned = {id(p) for g in groups for p in g["params"]}
-        if owned != {id(p) for p in weights + biases}:
-            raise ValueError(f"{method}: the optimizer must hold exactly this model's parameters")
-        self._step_cache = _StepCache(kind, keys, optimizer, groups, list(self), weights, biases)
-        return weights, biases, group
-
-    @staticmethod
-    def _adam_state(optimizer, group, param):
-        # As torch.optim.Adam starts a parameter's state: the step count on the CPU unless capturable or
-        # fused, where it lives on the parameter's device.
-        state = optimizer.state[param]
-        if not state:
-            on_device = group["capturable"] or group["fused"]
-            dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-            state["step"] = torch.zeros((), dtype=dtype, device=param.device if on_device else None)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return state
-
-    @staticmethod
-    def _momentum_buffer(state, param):
-        # torch.optim.SGD starts a buffer as a copy of the first gradient; a zero buffer gives the same
-        # first step (momentum * 0 + g == g exactly) and the same state_dict layout afterwards.
-        buf = state[param].get("momentum_buffer")
-        if buf is None:
-            buf = state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
-        return buf
 
     @classmethod
     def from_torch(cls, model: nn.Module) -> "FusedMLP":
@@ -257,58 +186,6 @@ def _without_grad(op, *args):
         return op(*args)
     finally:
         torch._C._set_grad_enabled(grad_enabled)
-
-
-# optimizer kind -> (optimizer types, hyper-parameters that must not change under a cached validation)
-_STEP_OPTIMIZERS = {
-    "sgd": ((torch.optim.SGD,), ("momentum", "dampening", "weight_decay", "nesterov", "maximize")),
-    "adam": ((torch.optim.Adam, torch.optim.AdamW),
-             ("betas", "eps", "weight_decay", "amsgrad", "maximize", "differentiable", "decoupled_weight_decay")),
-}
-# Options the fused steps do not implement (dampening is checked as a value: any non-zero one).
-_UNSUPPORTED = {"sgd": ("dampening", "nesterov", "maximize"), "adam": ("amsgrad", "maximize", "differentiable")}
-
-
-def step_kind(optimizer, who: str) -> str:
-    """"sgd" or "adam": which whole-step op serves `optimizer`; TypeError for any other optimizer."""
-    for kind, (types, _) in _STEP_OPTIMIZERS.items():
-        if type(optimizer) in types:
-            return kind
-    raise TypeError(
-        f"{who} needs a torch.optim.SGD, Adam or AdamW optimizer, got {type(optimizer).__name__}"
-    )
-
-
-class _StepCache:
-    """What FusedMLP._step_params validated, with a test that it still holds which costs ~3 µs
-    instead of a full validation's ~15: same optimizer, same parameter objects in its groups, same
-    layers holding the same parameters, same hyper-parameters, one learning rate."""
-
-    __slots__ = ("kind", "keys", "optimizer", "group_params", "hyper", "layers", "layer_params", "weights", "biases")
-
-    def __init__(self, kind, keys, optimizer, groups, layers, weights, biases):
-        self.kind, self.keys = kind, keys
-        self.optimizer = optimizer
-        self.group_params = [list(g["params"]) for g in groups]
-        self.hyper = tuple(groups[0].get(k) for k in keys)
-        self.layers = layers
-        # Read from _parameters, as holds() does: module attribute access costs ~0.5 µs each.
-        self.layer_params = [(m._parameters["weight"], m._parameters["bias"]) for m in layers]
-        self.weights, self.biases = weights, biases
-
-    def holds(self, model, optimizer, groups) -> bool:
-        if optimizer is not self.optimizer or len(groups) != len(self.group_params):
-            return False
-        lr = groups[0]["lr"]
-        for g, params in zip(groups, self.group_params):
-            p = g["params"]
-            if g["lr"] != lr or len(p) != len(params) or not all(map(operator.is_, p, params)):
-                return False
-            if tuple([g.get(k) for k in self.keys]) != self.hyper:
-                return False
-        if len(model) != len(self.layers) or not all(map(operator.is_, model, self.layers)):
-            return False
-        return all(m._parameters["weight"] is w and m._parameters["bias"] is b for m, (w, b) in zip(self.layers, self.layer_params))
 
 
 def plain_mlp(sizes: Sequence[int], bias: bool = True, device=None, dtype=None) -> nn.Sequential:

@@ -6,6 +6,7 @@ import torch
 
 import fastmlp
 from fastmlp import _reference as ref
+from fastmlp.step_binding import bind
 from _helpers import DEVICES
 
 OPTIMIZERS = {
@@ -92,10 +93,10 @@ def test_reference_steps_match_the_op(kind):
     x, y = torch.randn(90, 20, dtype=torch.float64), torch.randint(0, 4, (90,))
     lrs = [0.01, 0.02, 0.03, 0.04]
     losses = a.train_steps(x, y, aopt, 25, lrs)
-    _, tensors, _, hyper = b._step_args(bopt, kind, many=True)
+    args = bind(b, bopt, kind)
     fn = ref.mlp_sgd_steps if kind == "sgd" else ref.mlp_adam_steps
     with torch.no_grad():
-        ref_losses = fn(x, y, 25, *tensors, lrs, *hyper)
+        ref_losses = fn(x, y, 25, *args.tensor_lists, lrs, *args.hyper)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-12, atol=1e-14)
     for p, q in zip(_state(a, aopt), _state(b, bopt)):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
@@ -176,11 +177,11 @@ def test_train_steps_under_torch_compile():
     """train_steps inside a fullgraph torch.compile region: the op traces through its fake."""
     (a, aopt), (b, bopt) = _pair([12, 8, 3], OPTIMIZERS["sgd"])
     x, y = torch.randn(40, 12), torch.randint(0, 3, (40,))
-    _, tensors, _, hyper = a._step_args(aopt, "sgd", many=True)
+    args = bind(a, aopt, "sgd")
 
     @torch.compile(fullgraph=True)
     def epoch(x, y):
-        return torch.ops.fastmlp.mlp_sgd_steps(x, y, 16, *tensors, [0.05, 0.05, 0.05], *hyper).sum()
+        return torch.ops.fastmlp.mlp_sgd_steps(x, y, 16, *args.tensor_lists, [0.05, 0.05, 0.05], *args.hyper).sum()
 
     with torch.no_grad():
         total = epoch(x, y)
