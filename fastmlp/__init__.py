@@ -29,6 +29,7 @@ __all__ = [
     "linear",
     "linear_relu",
     "plain_mlp",
+    "predict",
     "set_cpu_isa",
 ]
 
@@ -74,3 +75,13 @@ def set_cpu_isa(isa: str = "auto") -> None:
     if _ops._C is None:
         raise RuntimeError(f"fastmlp.set_cpu_isa: no compiled extension ({_ops.FALLBACK_REASON})")
     _ops._C.set_cpu_isa(isa)
+
+
+def __getattr__(name):
+    # fastmlp.predict (fastmlp.classify.predict), imported on first use: it brings in the trainer's
+    # checkpoint code, which `import fastmlp` has no need of.
+    if name == "predict":
+        from .classify import predict
+
+        return predict
+    raise AttributeError(f"module 'fastmlp' has no attribute {name!r}")

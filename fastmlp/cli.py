@@ -2,7 +2,8 @@
 
     fastmlp train --dataset mnist --out runs/mnist            # the default recipe
     fastmlp train --resume runs/mnist/checkpoint.pt           # continue an interrupted run
-    fastmlp evaluate --checkpoint runs/mnist/checkpoint.pt
+    fastmlp evaluate --checkpoint runs/mnist/checkpoint.pt --plot confusion.png
+    fastmlp predict --checkpoint runs/mnist/checkpoint.pt seven.png --plot seven-probs.png
     fastmlp bench ...                                         # fastmlp.bench
 
 Exit codes: 0 success, 1 runtime failure (e.g. dataset files missing or corrupt), 2 usage error (bad
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .data import DATASETS, DataError
+from .data import CLASS_NAMES, DATASETS, NUM_CLASSES, DataError, load_raw
 from .models import BACKENDS
+from .classify import FIT, ImageError, load_images, probabilities, resolve_model
 from .train import (CHECKPOINT_NAME, OPTIMIZERS, RECIPES, SCHEDULES, CheckpointError, TrainConfig,
-                    default_config, evaluate_checkpoint, load_checkpoint, resume_conflicts, train)
+                    default_config, evaluate_checkpoint, load_checkpoint, new_figure, plot_confusion,
+                    resume_conflicts, save_figure, train)
 
 PROG = "fastmlp"
 
@@ -65,7 +68,7 @@ def _recipes_text():
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Train and evaluate the course MLPs on fastmlp's fused Linear+ReLU kernels.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,bench}")
     sub.required = True
 
     t = sub.add_parser(
@@ -89,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--root", type=Path, help="dataset root holding MNIST/raw/ or FashionMNIST/raw/ "
                                              "(default: $FASTMLP_DATA, then ./data)")
     t.add_argument("--download", action="store_true", help="download the dataset with torchvision if missing")
-    t.add_argument("--out", type=Path, help="output folder: checkpoint.pt, metrics.json, curves.png (default: "
-                                            "runs/DATASET-BACKEND-seedSEED, or the checkpoint's folder with --resume)")
+    t.add_argument("--out", type=Path, help="output folder: checkpoint.pt, metrics.json, curves.png, confusion.png "
+                                            "(default: runs/DATASET-BACKEND-seedSEED, or the checkpoint's folder "
+                                            "with --resume)")
     t.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     t.add_argument("--resume", type=Path, metavar="CKPT", help="continue the run saved in CKPT")
     t.add_argument("--val-size", type=_non_negative_int, help="validation images held out of the 60000 (default 5000)")
@@ -101,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress bar per epoch (default: when stderr is a terminal)")
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint",
-                       description="Accuracy and loss of a checkpoint on the test (or validation) split.")
+                       description="Accuracy, loss, per-class accuracy and confusion matrix of a checkpoint on "
+                                   "the test (or validation) split.")
     e.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT")
     e.add_argument("--split", choices=["test", "val"], default="test")
     e.add_argument("--backend", choices=BACKENDS, default="fused")
@@ -109,6 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--root", type=Path)
     e.add_argument("--threads", type=_positive_int)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--plot", type=Path, metavar="PNG", help="draw the confusion matrix into this PNG file")
+
+    p = sub.add_parser(
+        "predict", help="classify images with a checkpoint",
+        description="Class probabilities of image files (any format Pillow reads; .npy/.pt tensors of (H, W) or "
+                    "(N, H, W) images, uint8 or float 0-1) or dataset items (--index). Images are prepared as "
+                    "the training data: grayscale, inverted when dark on light, cropped and resized to the "
+                    "dataset's framing unless 28x28, normalised (see fastmlp.classify).")
+    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE")
+    p.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT")
+    p.add_argument("--index", type=_non_negative_int, nargs="+", metavar="N", default=[],
+                   help="dataset items to classify (of the checkpoint's dataset; see --split)")
+    p.add_argument("--split", choices=["train", "test"], default="test", help="the file --index counts in")
+    p.add_argument("--root", type=Path, help="dataset root, for --index")
+    p.add_argument("--top-k", type=_positive_int, default=3, metavar="K", help="classes printed per image")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON list")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="draw each image beside its class probabilities")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
     sub.add_parser("bench", help="benchmarks (fastmlp.bench; see `fastmlp bench --help`)", add_help=False)
     return parser
@@ -178,7 +201,7 @@ def cmd_train(args, error) -> int:
               file=sys.stderr)
         return 130
     if result.checkpoint_path is not None:  # rank 0 only
-        print(f"wrote {out}/: {CHECKPOINT_NAME}, metrics.json, curves.png", flush=True)
+        print(f"wrote {out}/: {CHECKPOINT_NAME}, metrics.json, curves.png, confusion.png", flush=True)
     return 0
 
 
@@ -202,6 +225,94 @@ def cmd_evaluate(args, error) -> int:
     else:
         print(f"{result['dataset']} {result['split']}: accuracy {100 * result['accuracy']:.2f}%  "
               f"loss {result['loss']:.4f}  ({result['n']} images; checkpoint after epoch {result['epoch']})")
+        print(confusion_table(result["confusion_matrix"], result["class_names"], result["per_class_accuracy"]))
+    if args.plot is not None:
+        plot_confusion(torch.tensor(result["confusion_matrix"]), result["class_names"], args.plot,
+                       f"{result['dataset']} {result['split']} ({args.checkpoint})")
+    return 0
+
+
+def confusion_table(matrix, names, accuracy) -> str:
+    """The confusion matrix as text: a row per true class (its name), a column per predicted class (its
+    number), then the class's accuracy (diagonal / row total)."""
+    width = max(len(name) for name in names) + 4
+    lines = ["rows: true class; columns: predicted class",
+             " " * width + "".join(f"{j:>6}" for j in range(len(names))) + "  accuracy"]
+    for i, (name, row, acc) in enumerate(zip(names, matrix, accuracy)):
+        cell = "-" if acc is None else f"{100 * acc:.2f}%"
+        label = name if name == str(i) else f"{i} {name}"
+        lines.append(f"{label:<{width}}" + "".join(f"{c:>6}" for c in row) + f"  {cell:>8}")
+    return "\n".join(lines)
+
+
+# ---- predict ----------------------------------------------------------------------------------
+
+
+def _dataset_items(dataset, split, indices, root, error):
+    """uint8 (N, 28, 28) dataset items and their source names; an index out of range is a usage error."""
+    images, labels = load_raw(dataset, split, root)
+    bad = [i for i in indices if i >= len(images)]
+    if bad:
+        error(f"--index {bad[0]}: the {dataset} {split} split has {len(images)} images (0-{len(images) - 1})")
+    return images[indices], [f"{dataset} {split}[{i}] (label {int(labels[i])})" for i in indices]
+
+
+def prediction_records(probs: torch.Tensor, sources, names, top_k: int) -> list[dict]:
+    """The --json document: per image its source, the top_k classes and all probabilities."""
+    records = []
+    for source, row in zip(sources, probs.tolist()):
+        top = sorted(range(len(row)), key=lambda c: -row[c])[:top_k]
+        records.append({"source": source,
+                        "top": [{"class": c, "name": names[c], "probability": row[c]} for c in top],
+                        "probabilities": row})
+    return records
+
+
+def plot_predictions(images: torch.Tensor, probs: torch.Tensor, sources, names, path):
+    """Per image, a row: the prepared 28x28 image beside a horizontal bar chart of its class probabilities
+    (the course's view_classify), all in one PNG written atomically; None without matplotlib."""
+    fig = new_figure(path, figsize=(7, 2.2 * len(sources)))
+    if fig is None:
+        return None
+    axes = fig.subplots(len(sources), 2, squeeze=False, width_ratios=[1, 1.4])
+    for (ax_image, ax_bars), image, row, source in zip(axes, images, probs, sources):
+        ax_image.imshow(image.numpy(), cmap="gray", vmin=0, vmax=255)
+        ax_image.set_title(source, fontsize=8)
+        ax_image.axis("off")
+        ax_bars.barh(range(NUM_CLASSES), row.numpy())
+        ax_bars.set_yticks(range(NUM_CLASSES), names, fontsize=8)
+        ax_bars.invert_yaxis()
+        ax_bars.set_xlim(0, 1.05)
+        ax_bars.set_title("class probability", fontsize=8)
+    return save_figure(fig, path)
+
+
+def cmd_predict(args, error) -> int:
+    if not args.images and not args.index:
+        error("give IMAGE files and/or --index N")
+    if args.top_k > NUM_CLASSES:
+        error(f"--top-k {args.top_k}: there are {NUM_CLASSES} classes")
+    _check_device(args.device, error)
+    try:
+        model, dataset = resolve_model(args.checkpoint)
+        images, sources = load_images(args.images, FIT[dataset]) if args.images else (None, [])
+        if args.index:
+            items, names = _dataset_items(dataset, args.split, args.index, args.root, error)
+            images = items if images is None else torch.cat([images, items])
+            sources += names
+    except (CheckpointError, ImageError, DataError) as exc:
+        print(f"{PROG} predict: error: {exc}", file=sys.stderr)
+        return 1
+    probs = probabilities(model, images, args.device)
+    names = CLASS_NAMES[dataset]
+    records = prediction_records(probs, sources, names, args.top_k)
+    if args.json:
+        print(json.dumps(records, indent=2))
+    else:
+        for r in records:
+            print(f"{r['source']}: " + ", ".join(f"{t['name']} {100 * t['probability']:.1f}%" for t in r["top"]))
+    if args.plot is not None:
+        plot_predictions(images, probs, sources, names, args.plot)
     return 0
 
 
@@ -243,6 +354,8 @@ def main(argv=None) -> int:
             return cmd_train(args, error)
         if args.command == "evaluate":
             return cmd_evaluate(args, error)
+        if args.command == "predict":
+            return cmd_predict(args, error)
         return cmd_bench([])
     except _UsageError:
         return 2

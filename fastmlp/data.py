@@ -26,6 +26,13 @@ import torch
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 """Dataset name (as on the command line) -> torchvision's folder (and class) name."""
 
+CLASS_NAMES = {
+    "mnist": tuple(str(digit) for digit in range(10)),
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+}
+"""Dataset name -> the names of its classes 0-9 (Fashion-MNIST's as in its paper and torchvision)."""
+
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

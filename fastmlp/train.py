@@ -26,7 +26,8 @@ from torch import nn
 
 from . import _ops
 from .cuda_graph import CUDAGraphStep
-from .data import DATASETS, Split, derive_seed, epoch_order, iterate_batches, iterate_chunks, load_dataset
+from .data import (CLASS_NAMES, DATASETS, NUM_CLASSES, Split, derive_seed, epoch_order, iterate_batches,
+                   iterate_chunks, load_dataset)
 from .models import BACKENDS, SIZES, model_for
 
 OPTIMIZERS = ("sgd", "adam")
@@ -177,16 +178,29 @@ def write_json(obj, path) -> Path:
     return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def plot_curves(history: list[dict], path, title: str = "", test_accuracy: float | None = None) -> Path | None:
-    """Loss and accuracy per epoch as a PNG (matplotlib, no display needed); None without matplotlib."""
+def new_figure(path, **kwargs):
+    """A matplotlib Figure (no display needed) for the picture `path`, or None, with a warning naming
+    the file, when matplotlib is not installed. Write it with save_figure."""
     try:
         from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
     except ImportError:
-        warnings.warn("matplotlib is not installed: no curves.png (pip install matplotlib)", stacklevel=2)
+        warnings.warn(f"matplotlib is not installed: no {Path(path).name} (pip install matplotlib)", stacklevel=3)
         return None
+    return Figure(layout="constrained", **kwargs)
+
+
+def save_figure(fig, path) -> Path:
+    """Writes `fig` to `path` as a PNG, atomically."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+def plot_curves(history: list[dict], path, title: str = "", test_accuracy: float | None = None) -> Path | None:
+    """Loss and accuracy per epoch as a PNG (matplotlib, no display needed); None without matplotlib."""
+    fig = new_figure(path, figsize=(10, 4))
+    if fig is None:
+        return None
+    from matplotlib.ticker import MaxNLocator
     epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(10, 4), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     if any(h.get("val_loss") is not None for h in history):
@@ -204,10 +218,45 @@ def plot_curves(history: list[dict], path, title: str = "", test_accuracy: float
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    return save_figure(fig, path)
+
+
+def plot_confusion(matrix: torch.Tensor, names, path, title: str = "") -> Path | None:
+    """The confusion matrix (rows: true class, columns: predicted) as a PNG: counts in the cells, shaded by
+    the share of the row (so every class is readable whatever its size); None without matplotlib."""
+    fig = new_figure(path, figsize=(7.5, 6.5))
+    if fig is None:
+        return None
+    counts = matrix.to(torch.int64)
+    shares = counts.double() / counts.sum(1, keepdim=True).clamp(min=1)
+    ax = fig.subplots()
+    image = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            if counts[i, j]:
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if shares[i, j] > 0.5 else "black")
+    ticks = range(len(names))
+    ax.set_xticks(ticks, names, rotation=45, ha="right")
+    ax.set_yticks(ticks, names)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title or "confusion matrix")
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    return save_figure(fig, path)
 
 
 # ---- training ---------------------------------------------------------------------------------
+
+
+def _eval_logits(model: nn.Module, split: Split, batch_size: int):
+    """Yields (logits, labels) per batch of `split`, the model in eval mode (its mode restored after).
+    Iterate it under torch.no_grad()."""
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in iterate_batches(split, batch_size):
+            yield model(x), y
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -216,16 +265,28 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 2500) -> dict:
     n = len(split)
     if n == 0:
         return {"loss": None, "accuracy": None, "n": 0}
-    was_training = model.training
-    model.eval()
     loss = torch.zeros((), dtype=torch.float64, device=split.labels.device)
     correct = torch.zeros((), dtype=torch.int64, device=split.labels.device)
-    for x, y in iterate_batches(split, batch_size):
-        logits = model(x)
+    for logits, y in _eval_logits(model, split, batch_size):
         loss += F.cross_entropy(logits, y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
-    model.train(was_training)
     return {"loss": loss.item() / n, "accuracy": correct.item() / n, "n": n}
+
+
+@torch.no_grad()
+def confusion_matrix(model: nn.Module, split: Split, batch_size: int = 2500) -> torch.Tensor:
+    """(10, 10) int64 CPU tensor: [i, j] = images of true class i that `model` predicts as class j.
+    Its diagonal is the correct count per class, its row sums the images per class, its total len(split)."""
+    counts = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=split.labels.device)
+    for logits, y in _eval_logits(model, split, batch_size):
+        counts += torch.bincount(y * NUM_CLASSES + logits.argmax(1), minlength=NUM_CLASSES * NUM_CLASSES)
+    return counts.view(NUM_CLASSES, NUM_CLASSES).cpu()
+
+
+def per_class_accuracy(matrix: torch.Tensor) -> list[float | None]:
+    """Fraction correct per true class from a confusion matrix (None for a class with no images)."""
+    totals = matrix.sum(1)
+    return [None if int(t) == 0 else int(matrix[i, i]) / int(t) for i, t in enumerate(totals)]
 
 
 def _kernels(device: torch.device) -> str:
@@ -566,6 +627,8 @@ def train(config: TrainConfig, *, device="cpu", root=None, out=None, resume=None
                 save_checkpoint(trainer.checkpoint(), ckpt_path)
             write_json(result, out / "metrics.json")
             plot_curves(trainer.history, out / "curves.png", title, test["accuracy"])
+            plot_confusion(confusion_matrix(trainer.model, splits["test"]), CLASS_NAMES[config.dataset],
+                           out / "confusion.png", f"{title}: test set")
         return TrainResult(trainer.model, result, ckpt_path, completed=True, trainer=trainer)
     finally:
         if created:
@@ -574,14 +637,20 @@ def train(config: TrainConfig, *, device="cpu", root=None, out=None, resume=None
 
 def evaluate_checkpoint(checkpoint, *, split: str = "test", device="cpu", root=None, backend: str = "fused",
                         data: dict[str, Split] | None = None) -> dict:
-    """Loads a checkpoint (path or dict) and evaluates it on `split` ("test" or "val")."""
+    """Loads a checkpoint (path or dict) and evaluates it on `split` ("test" or "val"): evaluate()'s
+    loss, accuracy and n, plus "class_names", "per_class_accuracy" and "confusion_matrix" (a list of
+    rows: true class; columns: predicted class)."""
     ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     cfg = ckpt["config"]
     if data is None:
         data = load_dataset(cfg["dataset"], root, device, cfg.get("val_size", 5000))
     model = model_from_checkpoint(ckpt, backend).to(device)
-    result = evaluate(model, data[split].to(device))
-    return {"dataset": cfg["dataset"], "split": split, "epoch": ckpt["epoch"], **result}
+    part = data[split].to(device)
+    result = evaluate(model, part)
+    matrix = confusion_matrix(model, part)
+    return {"dataset": cfg["dataset"], "split": split, "epoch": ckpt["epoch"], **result,
+            "class_names": list(CLASS_NAMES[cfg["dataset"]]), "per_class_accuracy": per_class_accuracy(matrix),
+            "confusion_matrix": matrix.tolist()}
 
 
 def replace_config(config: TrainConfig, **changes) -> TrainConfig:

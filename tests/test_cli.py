@@ -36,7 +36,7 @@ def trained(tmp_path_factory, data_root):
 
 
 def test_train_writes_its_files(trained):
-    assert sorted(p.name for p in trained.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.json"]
+    assert sorted(p.name for p in trained.iterdir()) == ["checkpoint.pt", "confusion.png", "curves.png", "metrics.json"]
     assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
