@@ -79,6 +79,18 @@ _C, FALLBACK_REASON = _load_extension()
 # Kept alive for the life of the process: dropping a Library unregisters what it registered.
 _LIBS = []
 
+
+def _register_reference(key: str, define: bool) -> None:
+    """Registers _reference.py's implementation of every op for the dispatch key `key`, defining the
+    ops first when `define` (no compiled extension: the Python schemas are the only ones)."""
+    lib = torch.library.Library("fastmlp", "DEF" if define else "IMPL")
+    for name, schema in SCHEMAS.items():
+        if define:
+            lib.define(schema)
+        lib.impl(name, _REFERENCE[name], key)
+    _LIBS.append(lib)
+
+
 if _C is None:
     if not FALLBACK_REASON.startswith("disabled"):
         warnings.warn(
@@ -87,11 +99,7 @@ if _C is None:
             RuntimeWarning,
             stacklevel=2,
         )
-    _lib = torch.library.Library("fastmlp", "DEF")
-    for _name, _schema in SCHEMAS.items():
-        _lib.define(_schema)
-        _lib.impl(_name, _REFERENCE[_name], "CompositeExplicitAutograd")
-    _LIBS.append(_lib)
+    _register_reference("CompositeExplicitAutograd", define=True)
     CUDA_KERNELS = False
 else:
     _isa_env = os.environ.get("FASTMLP_CPU_ISA", "")
@@ -118,10 +126,7 @@ else:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        _lib = torch.library.Library("fastmlp", "IMPL")
-        for _name in SCHEMAS:
-            _lib.impl(_name, _REFERENCE[_name], "CUDA")
-        _LIBS.append(_lib)
+        _register_reference("CUDA", define=False)
         CUDA_KERNELS = False
 
 
@@ -235,13 +240,6 @@ def _backward_linear(ctx, gy):
     return _grads_or_none(grads, needs)
 
 
-# The compiled extension registers the same formulas in C++ (csrc/autograd.cpp), which spares each
-# fused layer a round trip through Python; these serve the fallback.
-if _C is None:
-    torch.library.register_autograd(
-        "fastmlp::linear_relu_fwd", _backward_linear_relu, setup_context=_setup_linear_relu
-    )
-    torch.library.register_autograd("fastmlp::linear_fwd", _backward_linear, setup_context=_setup_linear)
 
 def _setup_backward_op(ctx, inputs, output):
     gy, x, w = inputs[:3]
@@ -288,7 +286,16 @@ def _no_backward(ctx, *grads):  # never reached: _refuse_grad raised at the forw
     raise RuntimeError(MLP_FORWARD_NEEDS_NO_GRAD)
 
 
-if _C is None:  # the compiled extension registers these in C++ (csrc/autograd.cpp)
-    for _name in ("fastmlp::linear_relu_bwd", "fastmlp::linear_bwd"):
-        torch.library.register_autograd(_name, _backward_of_backward, setup_context=_setup_backward_op)
-    torch.library.register_autograd("fastmlp::mlp_forward", _no_backward, setup_context=_refuse_grad)
+def _register_fallback_autograd() -> None:
+    """The autograd of the fallback's ops. The compiled extension registers the same formulas in C++
+    (csrc/autograd.cpp), which spares each fused layer a round trip through Python."""
+    register = torch.library.register_autograd
+    register("fastmlp::linear_relu_fwd", _backward_linear_relu, setup_context=_setup_linear_relu)
+    register("fastmlp::linear_fwd", _backward_linear, setup_context=_setup_linear)
+    for name in ("fastmlp::linear_relu_bwd", "fastmlp::linear_bwd"):
+        register(name, _backward_of_backward, setup_context=_setup_backward_op)
+    register("fastmlp::mlp_forward", _no_backward, setup_context=_refuse_grad)
+
+
+if _C is None:
+    _register_fallback_autograd()

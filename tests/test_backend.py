@@ -147,3 +147,13 @@ def test_cpu_isa_environment_variable(value):
     finally:
         fastmlp.set_cpu_isa("auto")
     assert torch.equal(torch.tensor(got["out"], dtype=want.dtype), want), "not the kernels set_cpu_isa selects"
+
+
+def test_python_schemas_equal_the_compiled_ones():
+    """fastmlp/_ops.py's SCHEMAS (the fallback's definitions) must say what csrc/ops.cpp says."""
+    from fastmlp import _ops
+    if _ops._C is None:
+        pytest.skip("no compiled extension: the Python schemas are the only ones")
+    for name, schema in _ops.SCHEMAS.items():
+        compiled = getattr(torch.ops.fastmlp, name).default._schema
+        assert str(compiled) == str(torch._C.parse_schema("fastmlp::" + schema)), name
