@@ -136,9 +136,9 @@ def _momentum_buffer(state, param):
 
 
 class _StepCache:
-    """What _validated() checked, with a test that it still holds which costs ~3 µs
-    instead of a full validation's ~15: same optimizer, same parameter objects in its groups, same
-    layers holding the same parameters, same hyper-parameters, one learning rate."""
+    """What validated() checked, with a test that it still holds, cheaper than validating again: same
+    optimizer, same parameter objects in its groups, same layers holding the same parameters, same
+    hyper-parameters, one learning rate."""
 
     __slots__ = ("kind", "keys", "optimizer", "group_params", "hyper", "layers", "layer_params", "weights", "biases")
 
@@ -148,7 +148,7 @@ class _StepCache:
         self.group_params = [list(g["params"]) for g in groups]
         self.hyper = tuple(groups[0].get(k) for k in keys)
         self.layers = layers
-        # Read from _parameters, as holds() does: module attribute access costs ~0.5 µs each.
+        # Read from _parameters, as holds() does: module attribute access is the slow path.
         self.layer_params = [(m._parameters["weight"], m._parameters["bias"]) for m in layers]
         self.weights, self.biases = weights, biases
 

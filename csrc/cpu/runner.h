@@ -15,9 +15,7 @@ inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Below this much work a GEMM runs on the calling thread: waking the pool costs more. Work counts
 // flops plus kEpilogueFlops per element of C: with a short sum the tile set-up and epilogue, not the
-// FMAs, are most of a GEMM's time. One thread vs two on the 2-core test machine: dX of
-// 64 x 10 -> 256 9.8 vs 5.9 us, forward 64 x 256 -> 10 7.0 vs 5.0 us, dW of 10 x 256 5.5 vs 4.5 us;
-// forward 64 x 64 -> 10 and dW of 10 x 128 (below the threshold) are faster on one.
+// FMAs, are most of a GEMM's time. Both constants are measured per shape (BENCHMARKS.md, 2026-11-29).
 inline constexpr int64_t kParallelFlops = int64_t(1) << 18;
 inline constexpr int64_t kEpilogueFlops = 64;
 // Elementwise passes (dReLU + bias grad) split only above this many elements.
@@ -32,7 +30,7 @@ inline int threads_for(int64_t work, int64_t threshold) {
 // never straddle threads) or, when there are too few panels to balance, along rows. A GEMM that
 // applies an optimizer update is split along rows whenever it can be: each thread then owns whole
 // parameter rows, so the parameter and its optimizer state stream through as one contiguous block
-// per thread (dW + SGD at 64 x 784 -> 256: 225 instead of 253 us on two threads).
+// per thread, which the hardware prefetcher follows.
 template <typename T>
 void run_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
   // A sum of at most 4 terms is one streaming pass over C (outer_block in gemm_impl.h): per element a

@@ -67,9 +67,8 @@ inline Launch launch_config(at::ScalarType dtype) {
   return l;  // float16 / bfloat16 on a GPU without tensor cores were refused by ops_cuda.cpp
 }
 
-// Split-K for FP32 GEMMs whose output has too few tiles for the GPU (gemm_simt.cu). Experimental:
-// checked bit for bit on the CPU emulator but not yet run on a GPU, so it is off unless
-// FASTMLP_CUDA_SPLITK=1 is set when the first GEMM runs.
+// Split-K for FP32 GEMMs whose output has too few tiles for the GPU (gemm_simt.cu). Experimental
+// (README, CUDA), so off unless FASTMLP_CUDA_SPLITK=1 is set when the first GEMM runs.
 inline bool split_k_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("FASTMLP_CUDA_SPLITK");

@@ -1,11 +1,10 @@
 // The CUDA ops' implementations (linear_ops.cu, mlp_step.cu), called by csrc/cuda/ops_cuda.cpp after it
 // has validated the arguments. Only ATen types here: ops_cuda.cpp is compiled by the host compiler.
 //
-// Validation lives on the host-compiler side on purpose: on the H200 test machine (torch 2.11,
-// nvcc 13.0) failing TORCH_CHECKs in an nvcc-compiled translation unit that formatted shapes
-// crashed the process instead of raising (ones formatting only dtypes raised normally), so argument
-// errors are never raised from a .cu file, and the few launch-size checks left there (shapes beyond
-// a grid's limits) format no numbers.
+// Rule: argument errors are raised on the host-compiler side only, never from a .cu file, and the
+// few launch-size checks left in .cu files (shapes beyond a grid's limits) format no numbers: a
+// failing TORCH_CHECK that formats shapes in an nvcc-compiled translation unit has crashed the
+// process instead of raising (BENCHMARKS.md, the H200 run).
 #pragma once
 
 #include <ATen/ATen.h>
