@@ -80,6 +80,32 @@ Gemm<T> layer_forward(int64_t M, int64_t K, int64_t N, const T* x, const T* w, c
   return g;
 }
 
+// dX of a layer: gx (M x K) = dz (M x N) @ w (N x K), all contiguous; with mask_in (the layer below's
+// ReLU bits, ld ceil(K / 8)) only where its bits are set.
+template <typename T>
+Gemm<T> layer_grad_input(int64_t M, int64_t K, int64_t N, const T* dz, const T* w, T* gx,
+                         const uint8_t* mask_in = nullptr) {
+  Gemm<T> g;
+  g.rows = M, g.cols = K, g.inner = N;
+  g.a = dz, g.a_rs = N, g.a_cs = 1;
+  g.b = w, g.b_rs = K, g.b_cs = 1;
+  g.c = gx, g.ldc = K;
+  g.mask_in = mask_in, g.ldm_in = (K + 7) / 8;
+  return g;
+}
+
+// dW of a layer: gw (N x K) = dz.T @ x, dz (M x N) and x (M x K) contiguous. gw may be null when an
+// update consumes the gradient (see Gemm).
+template <typename T>
+Gemm<T> layer_grad_weight(int64_t M, int64_t K, int64_t N, const T* dz, const T* x, T* gw) {
+  Gemm<T> g;
+  g.rows = N, g.cols = K, g.inner = M;
+  g.a = dz, g.a_rs = 1, g.a_cs = N;
+  g.b = x, g.b_rs = K, g.b_cs = 1;
+  g.c = gw, g.ldc = K;
+  return g;
+}
+
 // One instruction set's kernels. Column ranges handed to gemm_block must start at a multiple of
 // `col_align` so that no two threads ever write the same mask byte.
 template <typename T>

@@ -57,22 +57,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& gy_, const Tensor& x_,
       run_drelu_bias_grad<T>(k, M, N, gy.const_data_ptr<T>(), mask, div_up(N, 8), dz_out,
                              needs[2] ? gb.mutable_data_ptr<T>() : nullptr);
   }
-  if (needs[0] && M > 0 && K > 0) {  // gx = dz @ w
-    Gemm<T> g;
-    g.rows = M, g.cols = K, g.inner = N;
-    g.a = dz.const_data_ptr<T>(), g.a_rs = N, g.a_cs = 1;
-    g.b = w.const_data_ptr<T>(), g.b_rs = K, g.b_cs = 1;
-    g.c = gx.mutable_data_ptr<T>(), g.ldc = K;
-    run_gemm(k, g);
-  }
-  if (needs[1] && N > 0 && K > 0) {  // gw = dz.T @ x  (zeros for an empty batch)
-    Gemm<T> g;
-    g.rows = N, g.cols = K, g.inner = M;
-    g.a = dz.const_data_ptr<T>(), g.a_rs = 1, g.a_cs = N;
-    g.b = x.const_data_ptr<T>(), g.b_rs = K, g.b_cs = 1;
-    g.c = gw.mutable_data_ptr<T>(), g.ldc = K;
-    run_gemm(k, g);
-  }
+  if (needs[0] && M > 0 && K > 0)  // gx = dz @ w
+    run_gemm(k, layer_grad_input<T>(M, K, N, dz.const_data_ptr<T>(), w.const_data_ptr<T>(), gx.mutable_data_ptr<T>()));
+  if (needs[1] && N > 0 && K > 0)  // gw = dz.T @ x  (zeros for an empty batch)
+    run_gemm(k, layer_grad_weight<T>(M, K, N, dz.const_data_ptr<T>(), x.const_data_ptr<T>(), gw.mutable_data_ptr<T>()));
   return {gx, gw, gb};
 }
 

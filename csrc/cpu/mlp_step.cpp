@@ -135,20 +135,11 @@ class Stepper {
       if (l > 0) {  // dz of the layer below = (dz @ w) masked by that layer's ReLU; uses w before its update
         which = 1 - which;
         dz_prev = dz_[which];
-        Gemm<T> g;
-        g.rows = M, g.cols = K, g.inner = N;
-        g.a = dz, g.a_rs = N, g.a_cs = 1;
-        g.b = w_[l], g.b_rs = K, g.b_cs = 1;
-        g.c = dz_prev, g.ldc = K;
-        g.mask_in = masks_[l - 1], g.ldm_in = div_up(K, 8);
-        run_gemm(k_, g);
+        run_gemm(k_, layer_grad_input<T>(M, K, N, dz, w_[l], dz_prev, masks_[l - 1]));
       }
       {  // the update of w from dz.T @ input(l), without materialising the gradient
-        Gemm<T> g;
-        g.rows = N, g.cols = K, g.inner = M;
-        g.a = dz, g.a_rs = 1, g.a_cs = N;
-        g.b = input(l), g.b_rs = K, g.b_cs = 1;
-        g.c = M > k_.inner_block ? partial_ : nullptr, g.ldc = K;  // partial sums between K blocks
+        // Partial sums park in C between K blocks; one block needs no C at all.
+        Gemm<T> g = layer_grad_weight<T>(M, K, N, dz, input(l), M > k_.inner_block ? partial_ : nullptr);
         g.update = updates[l];
         run_gemm(k_, g);
       }
