@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IMAGE_SHAPE, normalize
-from .train import load_checkpoint, model_from_checkpoint
+from .training import load_checkpoint, model_from_checkpoint
 
 MIN_SIDE = 8
 """Smallest accepted height and width: below it a digit or garment cannot be made out."""
@@ -172,7 +172,7 @@ def load_images(images, fit: int = FIT["mnist"]) -> tuple[torch.Tensor, list[str
 
 def resolve_model(model_or_checkpoint) -> tuple[nn.Module, str | None]:
     """(model, dataset) from an nn.Module (dataset None), a checkpoint path or a loaded checkpoint dict
-    (its FusedMLP, with the weights, and its dataset). Raises fastmlp.train.CheckpointError."""
+    (its FusedMLP, with the weights, and its dataset). Raises fastmlp.training.CheckpointError."""
     if isinstance(model_or_checkpoint, nn.Module):
         return model_or_checkpoint, None
     ckpt = model_or_checkpoint
@@ -198,7 +198,7 @@ def predict(model_or_checkpoint, images, device="cpu", dataset: str | None = Non
     """Class probabilities (N, 10) of `images` (file paths, tensors/arrays, or a list mixing them; see the
     module docstring) under a model or a `fastmlp train` checkpoint (path or dict). `dataset` selects the
     framing of resized images (FIT); default: the checkpoint's dataset, MNIST's for a bare module.
-    Raises ImageError or fastmlp.train.CheckpointError naming the bad file."""
+    Raises ImageError or fastmlp.training.CheckpointError naming the bad file."""
     model, ckpt_dataset = resolve_model(model_or_checkpoint)
     prepared, _ = load_images(images, FIT[dataset or ckpt_dataset or "mnist"])
     return probabilities(model, prepared, device)

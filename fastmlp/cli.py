@@ -21,7 +21,7 @@ import torch
 from .data import CLASS_NAMES, DATASETS, NUM_CLASSES, DataError, load_raw
 from .models import BACKENDS
 from .classify import FIT, ImageError, load_images, probabilities, resolve_model
-from .train import (CHECKPOINT_NAME, OPTIMIZERS, RECIPES, SCHEDULES, CheckpointError, TrainConfig,
+from .training import (CHECKPOINT_NAME, OPTIMIZERS, RECIPES, SCHEDULES, CheckpointError, TrainConfig,
                     default_config, evaluate_checkpoint, load_checkpoint, new_figure, plot_confusion,
                     resume_conflicts, save_figure, train)
 

@@ -135,7 +135,8 @@ def _losses_and_weights(backend, splits, steps=50, optimizer="sgd", fused_step=T
                          lr=0.05 if optimizer == "sgd" else 1e-3)
     trainer = T.Trainer(cfg, {**splits, "train": splits["train"].subset(64 * steps)})
     assert trainer.fused_step == (backend == "fused")
-    trainer.fused_step &= fused_step
+    if not fused_step:
+        trainer.strategy = T.AutogradSteps()
     losses = []
     trainer.train_epoch(on_step=lambda step, loss: losses.append(loss.item() / 64))
     assert len(losses) == steps
@@ -156,8 +157,9 @@ def test_fused_and_torch_trajectories_agree(mnist, optimizer, fused_step):
 
 def test_fused_step_only_where_it_applies(mnist):
     def uses(**kw):
-        return T.Trainer(default_config("mnist", **kw), mnist).fused_step
-    assert uses() and uses(optimizer="adam") and not uses(backend="torch") and not uses(dropout=0.1)
+        return type(T.Trainer(default_config("mnist", **kw), mnist).strategy)
+    assert uses() is T.ManyFusedSteps and uses(optimizer="adam") is T.ManyFusedSteps
+    assert uses(backend="torch") is T.AutogradSteps and uses(dropout=0.1) is T.AutogradSteps
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -169,8 +171,11 @@ def test_many_step_epochs_equal_one_call_per_step(mnist, monkeypatch, optimizer)
     cfg = default_config("mnist", epochs=2, train_limit=n, optimizer=optimizer,
                          lr=0.05 if optimizer == "sgd" else 1e-3)
 
-    def run():
+    def run(per_batch=False):
         trainer = T.Trainer(cfg, {**mnist, "train": mnist["train"].subset(n)})
+        assert isinstance(trainer.strategy, T.ManyFusedSteps)
+        if per_batch:
+            trainer.strategy = T.FusedSteps()
         steps = []
         for _ in range(cfg.epochs):
             trainer.train_epoch(on_step=lambda step, loss: steps.append((step, loss.item())))
@@ -181,8 +186,7 @@ def test_many_step_epochs_equal_one_call_per_step(mnist, monkeypatch, optimizer)
     monkeypatch.setattr(fastmlp.FusedMLP, "train_steps", lambda *a, **k: calls.append(1) or train_steps(*a, **k))
     many, many_steps = run()
     assert len(calls) == 2 * 2  # two chunks per epoch
-    monkeypatch.setattr(T.Trainer, "_cpu_fused_epoch", T.Trainer._stepwise_epoch)
-    one, one_steps = run()
+    one, one_steps = run(per_batch=True)
     assert len(calls) == 4
     assert len(many_steps) == 2 * math.ceil(n / 64)
     assert [s for s, _ in many_steps] == list(range(1, len(many_steps) + 1))

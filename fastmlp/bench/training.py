@@ -304,7 +304,7 @@ class TrainerCase:
     torch, from the same seed on the same data, each epoch checked against the torch trainer's."""
 
     def __init__(self, dataset, root=None, variants=None):
-        from fastmlp.train import Trainer, default_config
+        from fastmlp.training import Trainer, default_config
 
         self.dataset = dataset
         self.splits, self.data = _splits(dataset, root)
