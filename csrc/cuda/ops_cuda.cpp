@@ -119,6 +119,19 @@ void check_targets(const char* op, const Tensor& target, int64_t classes) {
               ": every target must be a class index in [0, ", classes, ")");
 }
 
+// step(x rows, target rows, lr) on each of the `count` consecutive batches of batch_size rows, the
+// last one shorter; the losses stacked.
+template <typename Step>
+Tensor steps_over_batches(const Tensor& x, const Tensor& target, int64_t batch_size, int64_t count,
+                          at::ArrayRef<double> lrs, const Step& step) {
+  std::vector<Tensor> losses;
+  for (int64_t s = 0; s < count; ++s) {
+    const int64_t lo = s * batch_size, n = std::min(batch_size, x.size(0) - lo);
+    losses.push_back(step(x.narrow(0, lo, n), target.narrow(0, lo, n), lrs[s]));
+  }
+  return at::stack(losses);
+}
+
 Tensor mlp_sgd_steps(const Tensor& x, const Tensor& target, int64_t batch_size, at::TensorList weights,
                      at::TensorList biases, at::TensorList wbufs, at::TensorList bbufs, at::ArrayRef<double> lrs,
                      double momentum, double weight_decay) {
@@ -127,13 +140,9 @@ Tensor mlp_sgd_steps(const Tensor& x, const Tensor& target, int64_t batch_size, 
   check_step_args(op, x, target, weights, biases, wbufs, bbufs, momentum, std::nullopt);
   const int64_t count = check_batches(op, x, batch_size, lrs);
   check_targets(op, target, weights.back().size(0));
-  std::vector<Tensor> losses;
-  for (int64_t s = 0; s < count; ++s) {
-    const int64_t lo = s * batch_size, n = std::min(batch_size, x.size(0) - lo);
-    losses.push_back(mlp_sgd_step(x.narrow(0, lo, n), target.narrow(0, lo, n), weights, biases, wbufs, bbufs, lrs[s],
-                                  momentum, weight_decay, std::nullopt));
-  }
-  return at::stack(losses);
+  return steps_over_batches(x, target, batch_size, count, lrs, [&](const Tensor& xb, const Tensor& tb, double lr) {
+    return mlp_sgd_step(xb, tb, weights, biases, wbufs, bbufs, lr, momentum, weight_decay, std::nullopt);
+  });
 }
 
 Tensor mlp_adam_steps(const Tensor& x, const Tensor& target, int64_t batch_size, at::TensorList weights,
@@ -145,14 +154,10 @@ Tensor mlp_adam_steps(const Tensor& x, const Tensor& target, int64_t batch_size,
   check_adam_args(op, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, std::nullopt);
   const int64_t count = check_batches(op, x, batch_size, lrs);
   check_targets(op, target, weights.back().size(0));
-  std::vector<Tensor> losses;
-  for (int64_t s = 0; s < count; ++s) {
-    const int64_t lo = s * batch_size, n = std::min(batch_size, x.size(0) - lo);
-    losses.push_back(mlp_adam_step(x.narrow(0, lo, n), target.narrow(0, lo, n), weights, biases, exp_avgs,
-                                   exp_avg_sqs, steps, lrs[s], beta1, beta2, eps, weight_decay,
-                                   decoupled_weight_decay, std::nullopt));
-  }
-  return at::stack(losses);
+  return steps_over_batches(x, target, batch_size, count, lrs, [&](const Tensor& xb, const Tensor& tb, double lr) {
+    return mlp_adam_step(xb, tb, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                         decoupled_weight_decay, std::nullopt);
+  });
 }
 
 }  // namespace
