@@ -153,7 +153,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line(bench.format_notes(results, elapsed, sess.machine))
     path = config.getoption("--fastmlp-json")
     if path:
-        s = sess.settings
         doc = {
             "schema": bench.SCHEMA,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -161,10 +160,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             "mode": "pytest",
             "machine": sess.machine,
             "peak": sess.peak,
-            "settings": {"rounds": s.rounds, "epoch_rounds": s.epoch_rounds, "chunk_s": s.chunk_s,
-                         "epoch_steps": s.epoch_steps, "epoch_budget_s": s.epoch_budget_s, "variants": s.variants, "timer": s.timer,
-                         "data_root": s.data_root,
-                         "threads": torch.get_num_threads(), "elapsed_s": elapsed},
+            "settings": bench.settings_record(sess.settings, elapsed),
             "results": list(sess.results.values()),
         }
         bench.write_json(path, doc)

@@ -31,7 +31,7 @@ Targets are not part of this package: they live in BENCHMARKS.md.
 
 from .cases import (BASELINES, BATCH, DATASETS, GEMMS_PER_PASS, LAYER_SHAPES, MODELS, PASSES, QUICK_CASES, SGD,
                     all_case_ids, layer_id, select_cases)
-from .cli import SCHEMA, main, show, write_json
+from .cli import SCHEMA, main, settings_record, show, write_json
 from .compare import compare
 from .inference import INFER_VARIANTS, InferenceCase
 from .layers import LAYER_VARIANTS, LayerCase
@@ -45,11 +45,12 @@ from .variants import Variant, error_text
 from .verify import check_epoch, check_layer, check_output, check_training
 
 __all__ = [
-    "BASELINES", "BATCH", "DATASETS", "GEMMS_PER_PASS", "INFER_VARIANTS", "InferenceCase", "LAYER_SHAPES", "LAYER_VARIANTS", "MODELS", "PASSES",
-    "QUICK_CASES", "SCHEMA", "SGD", "STEP_VARIANTS", "TIMERS", "TRAINER_VARIANTS", "EpochPlan", "LayerCase", "LoadMonitor", "Runner",
-    "Settings", "Stepper", "TrainCase", "TrainerCase", "Variant", "all_case_ids", "calibrate", "check_epoch",
-    "check_layer", "check_output", "check_training", "compare", "cpu_model", "eager_step", "error_text", "format_machine",
-    "format_notes", "format_tables", "interleave", "is_ours", "layer_id", "machine_info", "main", "measure",
-    "measure_peak", "other_cpu_load", "register_step_variant", "select_cases", "show", "summarize", "training_data",
-    "write_json", "wrong_variants",
+    "BASELINES", "BATCH", "DATASETS", "EpochPlan", "GEMMS_PER_PASS", "INFER_VARIANTS", "InferenceCase",
+    "LAYER_SHAPES", "LAYER_VARIANTS", "LayerCase", "LoadMonitor", "MODELS", "PASSES", "QUICK_CASES", "Runner",
+    "SCHEMA", "SGD", "STEP_VARIANTS", "Settings", "Stepper", "TIMERS", "TRAINER_VARIANTS", "TrainCase",
+    "TrainerCase", "Variant", "all_case_ids", "calibrate", "check_epoch", "check_layer", "check_output",
+    "check_training", "compare", "cpu_model", "eager_step", "error_text", "format_machine", "format_notes",
+    "format_tables", "interleave", "is_ours", "layer_id", "machine_info", "main", "measure", "measure_peak",
+    "other_cpu_load", "register_step_variant", "select_cases", "settings_record", "show", "summarize",
+    "training_data", "write_json", "wrong_variants",
 ]

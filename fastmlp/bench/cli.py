@@ -96,21 +96,16 @@ def main(argv=None, prog="fastmlp bench") -> int:
         torch.set_num_threads(threads_before)
 
 
-def _run(args, argv, prog) -> int:
-    configure_dynamo()
-
+def _selection(args):
+    """(mode, case-id patterns) from --cases / --full / --quick (the default)."""
     if args.cases:
-        patterns = [p for group in args.cases for p in group.split(",")]
-        mode = "cases"
-    elif args.full:
-        patterns, mode = None, "full"
-    else:
-        patterns, mode = QUICK_CASES, "quick"
-    case_ids = select_cases(patterns)
-    if not case_ids:
-        print(f"no case matches {patterns}; see --list", file=sys.stderr)
-        return 2
+        return "cases", [p for group in args.cases for p in group.split(",")]
+    if args.full:
+        return "full", None
+    return "quick", QUICK_CASES
 
+
+def _settings(args, mode) -> Settings:
     variants = None
     if args.variants:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -118,7 +113,7 @@ def _run(args, argv, prog) -> int:
         every = dict.fromkeys([*LAYER_VARIANTS, *STEP_VARIANTS, *INFER_VARIANTS])
         variants = [v for v in (variants or every) if v != "compile"]
     rounds = args.repeat or (60 if mode == "full" else 30)
-    settings = Settings(
+    return Settings(
         rounds=rounds,
         chunk_s=args.chunk_ms / 1e3,
         epoch_rounds=max(min(3, rounds), rounds // 6),
@@ -128,9 +123,46 @@ def _run(args, argv, prog) -> int:
         timer=args.timer,
         data_root=args.data,
     )
+
+
+def settings_record(settings: Settings, elapsed: float) -> dict:
+    """The "settings" entry of the JSON document."""
+    return {"rounds": settings.rounds, "epoch_rounds": settings.epoch_rounds, "chunk_s": settings.chunk_s,
+            "epoch_steps": settings.epoch_steps, "epoch_budget_s": settings.epoch_budget_s,
+            "variants": settings.variants, "timer": settings.timer, "data_root": settings.data_root,
+            "threads": torch.get_num_threads(), "elapsed_s": elapsed}
+
+
+def run_case(runner: Runner, cid: str) -> dict:
+    """Runs one case, printing a line (and a FAILED line per wrong variant); a case that raises is
+    recorded with its error, so that one broken case does not lose the others."""
+    t0 = time.perf_counter()
+    try:
+        r = runner.run(cid)
+    except Exception as e:  # noqa: BLE001
+        print(f"  {cid}: FAILED {error_text(e)}", flush=True)
+        return {"id": cid, "kind": cid.split("/")[0], "variants": {}, "speedup": {}, "error": error_text(e)}
+    cells = [f"{v} {fmt_time(d['median_s'])}" if d["status"] == "ok" else f"{v} {d['status'].upper()}"
+             for v, d in r["variants"].items()]
+    sp = ", ".join(f"{v} x{x:.2f}" for v, x in r["speedup_vs_torch"].items() if v in r["ours"])
+    print(f"  {cid}: {'; '.join(cells)}  {sp + ' vs torch' if sp else ''}  ({time.perf_counter() - t0:.1f} s)",
+          flush=True)
+    for v, d in r["variants"].items():
+        if d["status"] == "wrong":
+            print(f"  FAILED {cid}: {v} does not compute what PyTorch computes: {d['error']}", flush=True)
+    return r
+
+
+def _run(args, argv, prog) -> int:
+    configure_dynamo()
+    mode, patterns = _selection(args)
+    case_ids = select_cases(patterns)
+    if not case_ids:
+        print(f"no case matches {patterns}; see --list", file=sys.stderr)
+        return 2
+    settings = _settings(args, mode)
     if args.timer == "cpu" and torch.get_num_threads() != 1:
         print("warning: --timer cpu sums the CPU time of all threads; use it with --threads 1", file=sys.stderr)
-
     old = None
     if args.compare:
         with open(args.compare) as f:
@@ -144,66 +176,23 @@ def _run(args, argv, prog) -> int:
     print(format_machine(machine, peak), flush=True)
     if (machine.get("other_cpu_load") or 0) > 0.2:
         print("warning: other processes are using the CPU; timings will be noisy (fewer --threads helps)", flush=True)
-
     runner = Runner(settings)
-    results = []
-    for cid in case_ids:
-        t0 = time.perf_counter()
-        try:
-            r = runner.run(cid)
-        except Exception as e:  # noqa: BLE001 - one broken case must not lose the others
-            print(f"  {cid}: FAILED {error_text(e)}", flush=True)
-            results.append({"id": cid, "kind": cid.split("/")[0], "variants": {}, "speedup": {},
-                            "error": error_text(e)})
-            continue
-        results.append(r)
-        cells = [f"{v} {fmt_time(d['median_s'])}" if d["status"] == "ok" else f"{v} {d['status'].upper()}"
-                 for v, d in r["variants"].items()]
-        sp = ", ".join(f"{v} x{x:.2f}" for v, x in r["speedup_vs_torch"].items() if v in r["ours"])
-        print(f"  {cid}: {'; '.join(cells)}  {sp + ' vs torch' if sp else ''}  ({time.perf_counter() - t0:.1f} s)",
-              flush=True)
-        for v, d in r["variants"].items():
-            if d["status"] == "wrong":
-                print(f"  FAILED {cid}: {v} does not compute what PyTorch computes: {d['error']}", flush=True)
+    results = [run_case(runner, cid) for cid in case_ids]
     runner.release()
 
     good = [r for r in results if "error" not in r]
-    print()
-    print(format_tables(good, peak))
     elapsed = time.perf_counter() - t_start
-    print()
-    print(format_notes(good, elapsed, machine))
-
-    doc = {
-        "schema": SCHEMA,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([prog, *(argv if argv is not None else sys.argv[1:])]),
-        "mode": mode,
-        "machine": machine,
-        "peak": peak,
-        "settings": {
-            "rounds": settings.rounds,
-            "epoch_rounds": settings.epoch_rounds,
-            "chunk_s": settings.chunk_s,
-            "epoch_steps": settings.epoch_steps,
-            "epoch_budget_s": settings.epoch_budget_s,
-            "variants": settings.variants,
-            "timer": settings.timer,
-            "data_root": settings.data_root,
-            "threads": torch.get_num_threads(),
-            "elapsed_s": elapsed,
-        },
-        "results": results,
-    }
+    print("\n" + format_tables(good, peak) + "\n\n" + format_notes(good, elapsed, machine))
+    doc = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join([prog, *(argv if argv is not None else sys.argv[1:])]), "mode": mode,
+           "machine": machine, "peak": peak, "settings": settings_record(settings, elapsed), "results": results}
     if args.json:
         write_json(args.json, doc)
         print(f"results written to {args.json}")
-
     status = 1 if any("error" in r for r in results) or wrong_variants(results) else 0
     if old is not None:
         regressions, report = compare(old, doc, args.threshold, args.criteria)
-        print()
-        print(report)
+        print("\n" + report)
         if regressions and args.fail_on_regression:
             status = 1
     return status
