@@ -302,9 +302,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 # Batches gathered by one index_select in iterate_chunks (and so trained by one many-step op call in
-# the CPU trainer). Gathering each batch on its own cost an MNIST epoch of the whole-step trainer ~5%
-# (two calls per step, each slowed by a cold dispatcher after the step); 32 batches of 64 images are
-# 6.4 MB, and bigger chunks measured no faster.
+# the CPU trainer): one gather per chunk instead of two calls per step; 32 batches of 64 images are
+# 6.4 MB (the measurements: BENCHMARKS.md).
 GATHER_BATCHES = 32
 
 

@@ -75,8 +75,7 @@ struct GemmImpl {
   };
 
   // n <= L elements at p: a full vector, or the first n lanes (the rest read as zero / not written).
-  // Forced inline: with these used all over gemm_block, GCC kept them out of line in the update loop
-  // (dW + SGD 3-8% slower).
+  // Forced inline: used all over gemm_block, GCC otherwise keeps them out of line in the update loop.
   __attribute__((always_inline)) static reg load_upto(const T* p, int n) {
     return n == L ? V::load(p) : V::load_n(p, n);
   }
@@ -150,8 +149,7 @@ struct GemmImpl {
   // from their gradient, with the update's kind and its two options (SGD: weight decay, momentum;
   // Adam: weight decay, decoupled) as template arguments, so the per-vector work has no branches, and
   // the tensors behind local restrict pointers, so the compiler keeps them in registers instead of
-  // reloading them after every store (together ~1.6x fewer instructions per vector than testing the
-  // options and re-reading the pointers each time).
+  // reloading them after every store.
   struct Updater {
     const Update<T>& u;
     reg neg_lr, momentum, decay, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, neg_step, decay_factor;
@@ -214,8 +212,7 @@ struct GemmImpl {
   // The update for rows [i0, i0 + rows) x cols [c0, c1) of a parameter shaped like C, from the
   // finished gradient (row r at grad + r * ldg, column c0 first). A separate pass over whole rows
   // rather than a per-tile epilogue: the parameter and its optimizer state then stream through in
-  // long contiguous runs the hardware prefetcher follows, which made dW + SGD update 25-30% faster
-  // (784 x 128 and 784 x 256 at batch 64) than loading them 6 x 16 at a time after each tile.
+  // long contiguous runs the hardware prefetcher follows, rather than 6 x 16 at a time after each tile.
   static void update_rows(const Gemm<T>& g, int64_t i0, int64_t rows, int64_t c0, int64_t c1, const T* grad,
                           int64_t ldg) {
     const Update<T>& u = g.update;
@@ -455,9 +452,8 @@ struct GemmImpl {
     t.ldm = g.ldm;
     t.ldm_in = g.ldm_in;
     // A short packed A block (dW at small batch: inner = batch) is kept to 16 KiB, so it stays in
-    // L1 beside the B panel during the column sweep instead of evicting it: a 192 x 64 float block
-    // cost dW at batch 64 a quarter of its speed. Deep blocks keep MC rows (L2 blocking), or B
-    // would be streamed from memory once per few rows.
+    // L1 beside the B panel during the column sweep instead of evicting it. Deep blocks keep MC rows
+    // (L2 blocking), or B would be streamed from memory once per few rows.
     int64_t mc = MC;
     if (pack_a_block && kstep <= 128) {  // equal blocks under the cap, not 60 + 60 + 8 rows
       const int64_t cap = imin(MC, imax(MR, 16384 / (kstep * int64_t(sizeof(T))) / MR * MR));
