@@ -220,10 +220,14 @@ def _setup_linear_relu(ctx, inputs, output):
     ctx.save_for_backward(x, w, mask)
 
 
-def _backward_linear_relu(ctx, gy, _gmask):
+# The backward formulas call the ops through `ops` (default: torch.ops.fastmlp); fastmlp/_functorch.py
+# passes differentiable Python wrappers instead, for torch.func transforms.
+
+
+def _backward_linear_relu(ctx, gy, _gmask, ops=None):
     x, w, mask = ctx.saved_tensors
     needs = _needs(ctx)
-    grads = torch.ops.fastmlp.linear_relu_bwd(gy, x, w, mask, needs)
+    grads = (ops or torch.ops.fastmlp).linear_relu_bwd(gy, x, w, mask, needs)
     return _grads_or_none(grads, needs)
 
 
@@ -233,10 +237,10 @@ def _setup_linear(ctx, inputs, output):
     ctx.save_for_backward(x, w)
 
 
-def _backward_linear(ctx, gy):
+def _backward_linear(ctx, gy, ops=None):
     x, w = ctx.saved_tensors
     needs = _needs(ctx)
-    grads = torch.ops.fastmlp.linear_bwd(gy, x, w, needs)
+    grads = (ops or torch.ops.fastmlp).linear_bwd(gy, x, w, needs)
     return _grads_or_none(grads, needs)
 
 
@@ -248,10 +252,10 @@ def _setup_backward_op(ctx, inputs, output):
     ctx.save_for_backward(gy, x, w, *([inputs[3]] if ctx.relu else []))
 
 
-def _backward_of_backward(ctx, ggx, ggw, ggb):
+def _backward_of_backward(ctx, ggx, ggw, ggb, ops=None):
     """The backward ops' own derivatives, with the mask held fixed (the formulas: csrc/autograd.cpp)."""
     gy, x, w, *mask = ctx.saved_tensors
-    linear = torch.ops.fastmlp.linear_fwd
+    linear = (ops or torch.ops.fastmlp).linear_fwd
     on = ref.unpack_bits(mask[0], w.shape[0]) if ctx.relu else None
     given = [c and g is not None for c, g in zip(ctx.computed, (ggx, ggw, ggb))]
     dz = torch.where(on, gy, 0) if ctx.relu else gy

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from . import _ops  # noqa: F401  (registers torch.ops.fastmlp.*)
+from . import _functorch, _ops  # noqa: F401  (_ops registers torch.ops.fastmlp.*)
 
 
 def _flatten(name, x, weight, bias):
@@ -57,6 +57,9 @@ def _as_2d(name, x, weight, bias):
 def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """relu(x @ weight.T + bias) in one fused kernel; equals torch.relu(F.linear(x, weight, bias))."""
     x2, flat = _as_2d("linear_relu", x, weight, bias)
+    if torch._C._are_functorch_transforms_active():  # torch.func: Python autograd (see _functorch)
+        y = _functorch.linear_relu(x2, weight, bias)
+        return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
     if not _needs_grad(x, weight, bias):
         return _mlp_forward(x, [weight], [] if bias is None else [bias], True)
     y = _linear_relu_fwd(x2, weight, bias)[0]
@@ -66,6 +69,9 @@ def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias; equals F.linear(x, weight, bias)."""
     x2, flat = _as_2d("linear", x, weight, bias)
+    if torch._C._are_functorch_transforms_active():
+        y = _functorch.linear(x2, weight, bias)
+        return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
     if not _needs_grad(x, weight, bias):
         return _mlp_forward(x, [weight], [] if bias is None else [bias])
     y = _linear_fwd(x2, weight, bias)

@@ -71,7 +71,8 @@ class FusedMLP(nn.Sequential):
         """The layers one after another. When no gradient is needed (torch.no_grad(), inference_mode,
         or nothing requires grad) the whole forward is one op, mlp_forward: no per-layer dispatch, no
         ReLU masks, nothing recorded for backward; same result within float32 rounding."""
-        if torch.is_grad_enabled() and (x.requires_grad or self._params_require_grad()):
+        if torch._C._are_functorch_transforms_active() or (
+                torch.is_grad_enabled() and (x.requires_grad or self._params_require_grad())):
             return super().forward(x)
         params = [m._parameters for m in self._modules.values()]
         weights = [p["weight"] for p in params]

@@ -84,11 +84,43 @@ def test_float32_penalty_close_to_plain():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_torch_func_transforms_are_refused_clearly():
-    """The layer ops' autograd is C++ (no Python per layer), which torch.func cannot transform: it
-    says so rather than compute something else."""
-    if fastmlp.backend("cpu") != "compiled":
-        pytest.skip("the fallback's autograd is Python, which torch.func transforms")
-    w, b = torch.randn(5, 4), torch.randn(5)
-    with pytest.raises(RuntimeError, match="functorch"):
-        torch.func.grad(lambda x: fastmlp.linear_relu(x, w, b).sum())(torch.randn(3, 4))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("fn,ref", [(fastmlp.linear_relu, lambda *a: torch.relu(nn.functional.linear(*a))),
+                                    (fastmlp.linear, nn.functional.linear)], ids=["linear_relu", "linear"])
+def test_torch_func_grad_of_grad(device, bias, fn, ref):
+    """torch.func.grad of a fused layer, composed twice, w.r.t. the input and the weight."""
+    from torch.func import grad
+    torch.manual_seed(3)
+    x = torch.randn(6, 5, dtype=f64, device=device)
+    w = torch.randn(7, 5, dtype=f64, device=device)
+    b = torch.randn(7, dtype=f64, device=device) if bias else None
+    def second(layer, wrt):
+        def loss(t):
+            args = (t, w, b) if wrt == "x" else (x, t, b)
+            return layer(*args).pow(3).sum()
+        return grad(lambda t: grad(loss)(t).pow(2).sum())(x if wrt == "x" else w)
+    for wrt in ("x", "w"):
+        torch.testing.assert_close(second(fn, wrt), second(ref, wrt), rtol=1e-10, atol=1e-10)
+
+
+def test_torch_func_through_fused_mlp():
+    """torch.func.grad of a loss over FusedMLP's parameters (functional_call) equals the plain model's,
+    and so does a gradient penalty taken with torch.func inside it."""
+    from torch.func import functional_call, grad
+    fused, plain = _twins((12, 9, 4), "cpu")
+    x, y = torch.randn(5, 12, dtype=f64), torch.randint(0, 4, (5,))
+
+    def grads(model):
+        params = dict(model.named_parameters())
+
+        def loss(p):
+            out = functional_call(model, p, (x,))
+            dx = grad(lambda xx: functional_call(model, p, (xx,)).sum())(x)
+            return nn.functional.cross_entropy(out, y) + dx.pow(2).sum()
+
+        return grad(loss)(params)
+
+    got, want = grads(fused), grads(plain)
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
