@@ -20,52 +20,27 @@ def _below_autograd(op, *args):
         return op(*args)
 
 
-class _LinearReLU(Function):
-    @staticmethod
-    def forward(x, w, b):
-        return _below_autograd(_OPS.linear_relu_fwd.default, x, w, b)
+def _function(name, op, setup_context, formula):
+    """An autograd.Function that runs `op` below autograd and differentiates with `formula` (one of
+    fastmlp/_ops.py's backward functions) over DIFFERENTIABLE_OPS."""
 
-    setup_context = staticmethod(_ops._setup_linear_relu)
+    def forward(*args):
+        return _below_autograd(op, *args)
 
-    @staticmethod
-    def backward(ctx, gy, gmask):
-        return _ops._backward_linear_relu(ctx, gy, gmask, ops=DIFFERENTIABLE_OPS)
+    def backward(ctx, *grads):
+        return formula(ctx, *grads, ops=DIFFERENTIABLE_OPS)
 
-
-class _Linear(Function):
-    @staticmethod
-    def forward(x, w, b):
-        return _below_autograd(_OPS.linear_fwd.default, x, w, b)
-
-    setup_context = staticmethod(_ops._setup_linear)
-
-    @staticmethod
-    def backward(ctx, gy):
-        return _ops._backward_linear(ctx, gy, ops=DIFFERENTIABLE_OPS)
+    return type(name, (Function,), {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+                                    "backward": staticmethod(backward)})
 
 
-class _LinearReLUBackward(Function):
-    @staticmethod
-    def forward(gy, x, w, mask, needs):
-        return _below_autograd(_OPS.linear_relu_bwd.default, gy, x, w, mask, needs)
-
-    setup_context = staticmethod(_ops._setup_backward_op)
-
-    @staticmethod
-    def backward(ctx, ggx, ggw, ggb):
-        return _ops._backward_of_backward(ctx, ggx, ggw, ggb, ops=DIFFERENTIABLE_OPS)
-
-
-class _LinearBackward(Function):
-    @staticmethod
-    def forward(gy, x, w, needs):
-        return _below_autograd(_OPS.linear_bwd.default, gy, x, w, needs)
-
-    setup_context = staticmethod(_ops._setup_backward_op)
-
-    @staticmethod
-    def backward(ctx, ggx, ggw, ggb):
-        return _ops._backward_of_backward(ctx, ggx, ggw, ggb, ops=DIFFERENTIABLE_OPS)
+_LinearReLU = _function("_LinearReLU", _OPS.linear_relu_fwd.default, _ops._setup_linear_relu,
+                        _ops._backward_linear_relu)
+_Linear = _function("_Linear", _OPS.linear_fwd.default, _ops._setup_linear, _ops._backward_linear)
+_LinearReLUBackward = _function("_LinearReLUBackward", _OPS.linear_relu_bwd.default, _ops._setup_backward_op,
+                                _ops._backward_of_backward)
+_LinearBackward = _function("_LinearBackward", _OPS.linear_bwd.default, _ops._setup_backward_op,
+                            _ops._backward_of_backward)
 
 
 # The op names the formulas call, as these Functions.

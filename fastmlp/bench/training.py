@@ -65,16 +65,7 @@ def _compile(sizes, state):
     compiled function (dynamo compiles the forward and loss with their backward through AOTAutograd,
     and the optimizer step as its own graph), as PyTorch's compiled-optimizer recipe does."""
     model = _model("plain", sizes, state)
-    opt = torch.optim.SGD(model.parameters(), **SGD)
-
-    def step(x, y):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return Stepper(model, compile_fn(step))
+    return Stepper(model, compile_fn(eager_step(model)))
 
 
 def _fastmlp(sizes, state):

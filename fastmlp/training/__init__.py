@@ -22,7 +22,7 @@ The package, in the order a run uses it:
 
 from .config import (OPTIMIZERS, RECIPES, RESUME_MAY_CHANGE, SCHEDULES, TrainConfig, default_config, replace_config,
                      resume_conflicts)
-from .evaluation import confusion_matrix, evaluate, per_class_accuracy
+from .evaluation import confusion_matrix, evaluate, evaluate_with_confusion, per_class_accuracy
 from .files import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, CheckpointError, atomic_write,
                     load_checkpoint, model_from_checkpoint, save_checkpoint, write_json)
 from .plots import new_figure, plot_confusion, plot_curves, save_figure
@@ -34,7 +34,7 @@ __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "OPTIMIZERS", "RECIPES", "RESUME_MAY_CHANGE",
     "SCHEDULES", "AutogradSteps", "CheckpointError", "FusedSteps", "GraphSteps", "ManyFusedSteps", "TrainConfig",
     "TrainResult", "Trainer", "atomic_write", "choose_strategy", "confusion_matrix", "default_config", "describe",
-    "evaluate", "evaluate_checkpoint", "format_epoch", "kernels", "load_checkpoint", "model_from_checkpoint",
+    "evaluate", "evaluate_checkpoint", "evaluate_with_confusion", "format_epoch", "kernels", "load_checkpoint", "model_from_checkpoint",
     "new_figure", "per_class_accuracy", "plot_confusion", "plot_curves", "replace_config", "resume_conflicts",
     "run_metrics", "save_checkpoint", "save_figure", "train", "write_json",
 ]

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..data import NUM_CLASSES, Split, iterate_batches
 
+
 def _eval_logits(model: nn.Module, split: Split, batch_size: int):
     """Yields (logits, labels) per batch of `split`, the model in eval mode (its mode restored after).
     Iterate it under torch.no_grad()."""
@@ -19,27 +20,30 @@ def _eval_logits(model: nn.Module, split: Split, batch_size: int):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 2500) -> dict:
-    """{"loss": mean cross-entropy, "accuracy": fraction correct, "n": samples} of `model` on `split`."""
+def evaluate_with_confusion(model: nn.Module, split: Split, batch_size: int = 2500) -> tuple[dict, torch.Tensor]:
+    """(evaluate()'s result, confusion_matrix()'s matrix) from one pass over `split`."""
     n = len(split)
-    if n == 0:
-        return {"loss": None, "accuracy": None, "n": 0}
-    loss = torch.zeros((), dtype=torch.float64, device=split.labels.device)
-    correct = torch.zeros((), dtype=torch.int64, device=split.labels.device)
+    device = split.labels.device
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    counts = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=device)
     for logits, y in _eval_logits(model, split, batch_size):
         loss += F.cross_entropy(logits, y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
-    return {"loss": loss.item() / n, "accuracy": correct.item() / n, "n": n}
+        counts += torch.bincount(y * NUM_CLASSES + logits.argmax(1), minlength=NUM_CLASSES * NUM_CLASSES)
+    matrix = counts.view(NUM_CLASSES, NUM_CLASSES).cpu()
+    if n == 0:
+        return {"loss": None, "accuracy": None, "n": 0}, matrix
+    return {"loss": loss.item() / n, "accuracy": int(matrix.diag().sum()) / n, "n": n}, matrix
 
 
-@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 2500) -> dict:
+    """{"loss": mean cross-entropy, "accuracy": fraction correct, "n": samples} of `model` on `split`."""
+    return evaluate_with_confusion(model, split, batch_size)[0]
+
+
 def confusion_matrix(model: nn.Module, split: Split, batch_size: int = 2500) -> torch.Tensor:
     """(10, 10) int64 CPU tensor: [i, j] = images of true class i that `model` predicts as class j.
     Its diagonal is the correct count per class, its row sums the images per class, its total len(split)."""
-    counts = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=split.labels.device)
-    for logits, y in _eval_logits(model, split, batch_size):
-        counts += torch.bincount(y * NUM_CLASSES + logits.argmax(1), minlength=NUM_CLASSES * NUM_CLASSES)
-    return counts.view(NUM_CLASSES, NUM_CLASSES).cpu()
+    return evaluate_with_confusion(model, split, batch_size)[1]
 
 
 def per_class_accuracy(matrix: torch.Tensor) -> list[float | None]:

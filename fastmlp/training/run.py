@@ -13,7 +13,7 @@ from torch import nn
 from ..data import CLASS_NAMES, Split, load_dataset
 from ..models import SIZES
 from .config import TrainConfig
-from .evaluation import confusion_matrix, evaluate, per_class_accuracy
+from .evaluation import evaluate_with_confusion, per_class_accuracy
 from .files import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
 from .plots import plot_confusion, plot_curves
 from .trainer import Trainer, kernels
@@ -151,7 +151,7 @@ def train(config: TrainConfig, *, device="cpu", root=None, out=None, resume=None
             if out is not None:
                 save_checkpoint(trainer.checkpoint(), ckpt_path)
                 write_json(run_metrics(trainer), out / "metrics.json")
-        test = evaluate(trainer.model, splits["test"])
+        test, test_matrix = evaluate_with_confusion(trainer.model, splits["test"])
         log(f"test_acc {100 * test['accuracy']:.2f}%  test_loss {test['loss']:.4f}  "
             f"({len(splits['test'])} {config.dataset} test images, {trainer.train_seconds:.1f}s training)")
         result = run_metrics(trainer, test)
@@ -160,7 +160,7 @@ def train(config: TrainConfig, *, device="cpu", root=None, out=None, resume=None
                 save_checkpoint(trainer.checkpoint(), ckpt_path)
             write_json(result, out / "metrics.json")
             plot_curves(trainer.history, out / "curves.png", title, test["accuracy"])
-            plot_confusion(confusion_matrix(trainer.model, splits["test"]), CLASS_NAMES[config.dataset],
+            plot_confusion(test_matrix, CLASS_NAMES[config.dataset],
                            out / "confusion.png", f"{title}: test set")
         return TrainResult(trainer.model, result, ckpt_path, completed=True, trainer=trainer)
     finally:
@@ -179,8 +179,7 @@ def evaluate_checkpoint(checkpoint, *, split: str = "test", device="cpu", root=N
         data = load_dataset(cfg["dataset"], root, device, cfg.get("val_size", 5000))
     model = model_from_checkpoint(ckpt, backend).to(device)
     part = data[split].to(device)
-    result = evaluate(model, part)
-    matrix = confusion_matrix(model, part)
+    result, matrix = evaluate_with_confusion(model, part)
     return {"dataset": cfg["dataset"], "split": split, "epoch": ckpt["epoch"], **result,
             "class_names": list(CLASS_NAMES[cfg["dataset"]]), "per_class_accuracy": per_class_accuracy(matrix),
             "confusion_matrix": matrix.tolist()}
