@@ -54,25 +54,22 @@ def _as_2d(name, x, weight, bias):
     return _flatten(name, x, weight, bias), False
 
 
+def _layer(name, x, weight, bias, relu):
+    x2, flat = _as_2d(name, x, weight, bias)
+    if torch._C._are_functorch_transforms_active():  # torch.func: Python autograd (see _functorch)
+        y = (_functorch.linear_relu if relu else _functorch.linear)(x2, weight, bias)
+    elif not _needs_grad(x, weight, bias):
+        return _mlp_forward(x, [weight], [] if bias is None else [bias], relu)
+    else:
+        y = _linear_relu_fwd(x2, weight, bias)[0] if relu else _linear_fwd(x2, weight, bias)
+    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """relu(x @ weight.T + bias) in one fused kernel; equals torch.relu(F.linear(x, weight, bias))."""
-    x2, flat = _as_2d("linear_relu", x, weight, bias)
-    if torch._C._are_functorch_transforms_active():  # torch.func: Python autograd (see _functorch)
-        y = _functorch.linear_relu(x2, weight, bias)
-        return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
-    if not _needs_grad(x, weight, bias):
-        return _mlp_forward(x, [weight], [] if bias is None else [bias], True)
-    y = _linear_relu_fwd(x2, weight, bias)[0]
-    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
+    return _layer("linear_relu", x, weight, bias, True)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias; equals F.linear(x, weight, bias)."""
-    x2, flat = _as_2d("linear", x, weight, bias)
-    if torch._C._are_functorch_transforms_active():
-        y = _functorch.linear(x2, weight, bias)
-        return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
-    if not _needs_grad(x, weight, bias):
-        return _mlp_forward(x, [weight], [] if bias is None else [bias])
-    y = _linear_fwd(x2, weight, bias)
-    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
+    return _layer("linear", x, weight, bias, False)
