@@ -8,8 +8,8 @@
 # 2. runs tests/test_cuda.py (parity, gradcheck, determinism, whole step, CUDA graph, errors) and the
 #    other tests marked `cuda` (pytest -m cuda), in groups, each in its own process;
 # 3. runs benchmarks/gpu_bench.py (fused layer vs F.linear + relu on cuBLAS) and
-#    benchmarks/gpu_step_bench.py (whole training step vs eager torch and torch.compile), printing
-#    their tables. FASTMLP_DATA=DIR (holding MNIST/raw/*.gz) makes the epoch timing use real MNIST.
+#    benchmarks/gpu_step_bench.py (whole training step vs eager torch and torch.compile) and
+#    benchmarks/gpu_infer_bench.py (FusedMLP inference vs the plain model), printing their tables. FASTMLP_DATA=DIR (holding MNIST/raw/*.gz) makes the epoch timing use real MNIST.
 # The experimental split-K FP32 GEMM (FASTMLP_CUDA_SPLITK=1, off by default) gets its own test group
 # and float32 / training-step benchmark runs, next to the default path's.
 # Every step has a time limit so that the whole script ends within 8 minutes. Logs go to $OUT (if
@@ -117,6 +117,7 @@ FASTMLP_CUDA_SPLITK=1 bench bench_splitk 45 350 "$ROOT/benchmarks/gpu_bench.py" 
   --json "$LOGS/bench_splitk.json"
 bench step_bench 150 440 "$ROOT/benchmarks/gpu_step_bench.py" "${DATA_ARG[@]}" --steps 200 --reps 5 \
   --json "$LOGS/step_bench.json"
+bench infer_bench 40 460 "$ROOT/benchmarks/gpu_infer_bench.py" --reps 7 --json "$LOGS/infer_bench.json"
 FASTMLP_CUDA_SPLITK=1 bench step_bench_splitk 60 480 "$ROOT/benchmarks/gpu_step_bench.py" "${DATA_ARG[@]}" \
   --no-compile --steps 200 --reps 5 --json "$LOGS/step_bench_splitk.json"
 

@@ -1,17 +1,17 @@
-// Ops composed of other fastmlp ops, for devices without a kernel of their own (the CPU has one,
-// csrc/cpu/mlp_forward.cpp): mlp_forward as the layer ops one after another, masks dropped.
-#include <ATen/ATen.h>
+// Ops composed of other fastmlp ops (composite.h), registered for devices without a kernel of their
+// own: the CPU has one (csrc/cpu/mlp_forward.cpp), CUDA one for small batches (csrc/cuda/mlp_forward.cu)
+// that calls mlp_forward_layers for the rest.
+#include "composite.h"
+
 #include <torch/library.h>
 
 #include <vector>
 
 namespace fastmlp {
 
-namespace {
-
 using at::Tensor;
 
-Tensor mlp_forward(const Tensor& x, at::TensorList weights, at::TensorList biases, bool relu_last) {
+Tensor mlp_forward_layers(const Tensor& x, at::TensorList weights, at::TensorList biases, bool relu_last) {
   static auto relu_op = c10::Dispatcher::singleton().findSchemaOrThrow("fastmlp::linear_relu_fwd", "")
       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&)>();
   static auto linear_op = c10::Dispatcher::singleton().findSchemaOrThrow("fastmlp::linear_fwd", "")
@@ -31,8 +31,6 @@ Tensor mlp_forward(const Tensor& x, at::TensorList weights, at::TensorList biase
   return h.reshape(out_shape);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastmlp, CompositeExplicitAutograd, m) { m.impl("mlp_forward", &mlp_forward); }
+TORCH_LIBRARY_IMPL(fastmlp, CompositeExplicitAutograd, m) { m.impl("mlp_forward", &mlp_forward_layers); }
 
 }  // namespace fastmlp

@@ -1,6 +1,7 @@
 """Runs the CUDA kernels of csrc/cuda on the CPU emulator in tests/cuda_emulation (no GPU needed):
 every tile configuration, operand layout and dtype path of the GEMMs, the dReLU + bias-grad
-kernels and the whole step's multi-tensor SGD and Adam updates, checked bit for bit against exact
+kernels, the one-kernel inference of a whole small MLP and the whole step's multi-tensor SGD and
+Adam updates, checked bit for bit against exact
 references, with AddressSanitizer and UBSan on the quick run. The emulated threads are fibers with
 real barrier / warp-shuffle semantics (see emu.h).
 

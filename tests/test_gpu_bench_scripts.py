@@ -1,5 +1,5 @@
-"""The GPU benchmark scripts (benchmarks/gpu_step_bench.py, benchmarks/gpu_bench.py) on the CPU: they
-import without a GPU, answer --help, refuse to run without one, and their verification logic (pure
+"""The GPU benchmark scripts (benchmarks/gpu_step_bench.py, gpu_bench.py, gpu_infer_bench.py) on the
+CPU: they import without a GPU, answer --help, refuse to run without one, and their verification logic (pure
 comparisons, no CUDA) passes correct runs and fails idle or wrong ones with a message naming what
 differed. fastmlp is imported inside the tests, not at collection (tests/test_cuda.py sets
 FASTMLP_CUDA_KERNELS before the first import)."""
@@ -23,6 +23,7 @@ def _load(name):
 
 step_bench = _load("gpu_step_bench")
 layer_bench = _load("gpu_bench")
+infer_bench = _load("gpu_infer_bench")
 SIZES = [40, 32, 16, 10]
 
 
@@ -170,7 +171,8 @@ def test_layer_check_fails_on_real_errors():
     assert any(p.startswith("relu: 1 outputs on the wrong side") for p in check["problems"]), check
 
 
-@pytest.mark.parametrize("script", [step_bench, layer_bench], ids=["gpu_step_bench", "gpu_bench"])
+@pytest.mark.parametrize("script", [step_bench, layer_bench, infer_bench],
+                         ids=["gpu_step_bench", "gpu_bench", "gpu_infer_bench"])
 def test_help_and_no_gpu(script, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         script.main(["--help"])

@@ -54,6 +54,43 @@ def test_matches_plain_model(isa, device, dtype, sizes, batch):
     assert_close_to_truth(ours.cpu(), theirs.cpu(), truth, "output")
 
 
+CUDA_ONLY = [p for p in DEVICES if p != "cpu"]
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 7, 64, 65])
+def test_half_precision_on_cuda(device, dtype, batch):
+    """float16 / bfloat16: float32 sums rounded once per layer, like the plain model's cuBLAS GEMMs."""
+    torch.manual_seed(batch)
+    model = fastmlp.FusedMLP((784, 256, 10), device=device, dtype=dtype)
+    plain = model.to_torch()
+    x = torch.randn(batch, 784, device=device, dtype=dtype)
+    with torch.no_grad():
+        ours, theirs = model(x), plain(x)
+    truth = _truth(x, [m.weight for m in model], [m.bias for m in model])
+    assert ours.dtype == dtype
+    assert_close_to_truth(ours.float().cpu(), theirs.float().cpu(), truth, "output")
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_small_batch_is_one_cuda_kernel(device):
+    """Up to 64 rows the whole network is one launch of mlp_forward_kernel; beyond, the layer GEMMs."""
+    model = fastmlp.FusedMLP((784, 128, 64, 10), device=device)
+
+    def kernels(batch):
+        x = torch.randn(batch, 784, device=device)
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model(x)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    small, large = kernels(64), kernels(65)
+    assert sum("mlp_forward_kernel" in k for k in small) == 1, small
+    assert not any("gemm" in k for k in small), small
+    assert not any("mlp_forward_kernel" in k for k in large) and sum("gemm" in k for k in large) == 3, large
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("relu_last", [False, True])
 @pytest.mark.parametrize("bias", [True, False])

@@ -110,6 +110,41 @@ void drelu_bias_grad(int64_t rows, int64_t cols, const __nv_bfloat16* gy, const 
                      int64_t ldm, __nv_bfloat16* dz, __nv_bfloat16* gb, float* partial,
                      cudaStream_t stream);
 
+// ---- inference through a whole MLP (mlp_forward.cu) --------------------------------------------
+
+// y = layer_{L-1}(... layer_0(x)) for x (rows, dims[0]) and w[l] (dims[l + 1], dims[l]), all
+// row-major contiguous: each layer x @ w.T + b (b[l] may be null), ReLU after every layer but the
+// last, and after the last too when relu_last. The sums are acc_t<T>, each layer's output rounded to
+// T, as the layer ops do. One kernel for the whole network; it applies only when mlp_forward_fits().
+inline constexpr int kMlpMaxLayers = 8;
+inline constexpr int kMlpMaxWidth = 1024;  // widest layer input (dims[0 .. L-1]); the output is free
+inline constexpr int kMlpThreads = 256;
+template <typename T>
+inline constexpr int kMlpRows = sizeof(T) == 8 ? 2 : 4;  // rows per block: 32 KiB of shared memory
+
+template <typename T>
+struct MlpForwardArgs {
+  int layers = 0;
+  int64_t rows = 0;
+  int dims[kMlpMaxLayers + 1] = {};
+  const T* x = nullptr;
+  const T* w[kMlpMaxLayers] = {};
+  const T* b[kMlpMaxLayers] = {};
+  T* y = nullptr;
+  bool relu_last = false;
+};
+
+// Whether the one-kernel forward takes this network: up to kMlpMaxLayers layers, inputs of every
+// layer at most kMlpMaxWidth wide, and a batch of at most kMlpForwardMaxRows rows. Larger batches go
+// through the layer GEMMs, which reuse each weight tile across many rows instead of reading the
+// whole network once per block of kMlpRows rows.
+inline constexpr int64_t kMlpForwardMaxRows = 64;
+bool mlp_forward_fits(int64_t rows, const int64_t* dims, int layers);
+void mlp_forward(const MlpForwardArgs<float>& a, cudaStream_t stream);
+void mlp_forward(const MlpForwardArgs<double>& a, cudaStream_t stream);
+void mlp_forward(const MlpForwardArgs<__half>& a, cudaStream_t stream);
+void mlp_forward(const MlpForwardArgs<__nv_bfloat16>& a, cudaStream_t stream);
+
 // ---- the whole training step (mlp_step.cu) ----------------------------------------------------
 
 // Mean softmax cross-entropy of logits (rows, cols) against int64 class indices, in one block:

@@ -82,6 +82,14 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& gy, const Tensor& x,
   return linear_bwd_impl(gy, x, w, std::nullopt, needs);
 }
 
+Tensor mlp_forward(const Tensor& x, at::TensorList weights, at::TensorList biases, bool relu_last) {
+  constexpr const char* op = "fastmlp::mlp_forward";
+  check_cuda(op, x);
+  check_mlp_forward_args(op, x, weights, biases, kDtypes);
+  check_tensor_cores(op, x);
+  return mlp_forward_impl(x, weights, biases, relu_last);
+}
+
 Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
                     at::TensorList wbufs, at::TensorList bbufs, double lr, double momentum, double weight_decay,
                     const std::optional<Tensor>& lr_scale) {
@@ -176,6 +184,7 @@ void register_cuda_kernels() {
   l->impl("linear_relu_bwd", &linear_relu_bwd);
   l->impl("linear_fwd", &linear_fwd);
   l->impl("linear_bwd", &linear_bwd);
+  l->impl("mlp_forward", &mlp_forward);
   l->impl("mlp_sgd_step", &mlp_sgd_step);
   l->impl("mlp_adam_step", &mlp_adam_step);
   l->impl("mlp_sgd_steps", &mlp_sgd_steps);

@@ -24,6 +24,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_impl(const at::Tensor&
                                                                const at::Tensor& w,
                                                                const std::optional<at::Tensor>& mask,
                                                                std::array<bool, 3> needs);
+// Inference through the whole MLP: one kernel for a small batch (mlp_forward.cu), else the layer ops.
+at::Tensor mlp_forward_impl(const at::Tensor& x, at::TensorList weights, at::TensorList biases, bool relu_last);
 // lr_scale: undefined, or a validated one-element tensor of x's dtype on x's device.
 at::Tensor mlp_sgd_step_impl(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
                              at::TensorList biases, at::TensorList wbufs, at::TensorList bbufs, double lr,

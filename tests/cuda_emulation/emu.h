@@ -242,6 +242,23 @@ inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask, int wi
   return emu::g_run->fibers[emu::g_run->cur].shfl_out;
 }
 
+// Values wider or other than 32-bit words are shuffled as their bits, as the CUDA overloads do.
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 32) {
+  unsigned u;
+  std::memcpy(&u, &v, sizeof u);
+  u = __shfl_xor_sync(mask, u, lane_mask, width);
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline double __shfl_xor_sync(unsigned mask, double v, int lane_mask, int width = 32) {
+  unsigned u[2];
+  std::memcpy(u, &v, sizeof u);
+  u[0] = __shfl_xor_sync(mask, u[0], lane_mask, width);
+  u[1] = __shfl_xor_sync(mask, u[1], lane_mask, width);
+  std::memcpy(&v, u, sizeof v);
+  return v;
+}
+
 [[noreturn]] inline void __trap() { emu::fail("__trap()"); }
 inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
 inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }

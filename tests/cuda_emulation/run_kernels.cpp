@@ -16,6 +16,7 @@
 #include "cuda/gemm_tc.cuh"
 #include "cuda/drelu_bias_grad.cuh"
 #include "cuda/step_kernels.cuh"
+#include "cuda/mlp_forward.cuh"
 // clang-format on
 
 #include <array>
@@ -449,6 +450,73 @@ void update_suite(bool quick, std::mt19937& rng) {
   if (!quick) check_sgd<T>(kMaxSgdTensors, 4, false, rng);
 }
 
+// ---- one-kernel inference (mlp_forward.cuh) ------------------------------------------------------
+
+// A whole network against the layer-by-layer definition: exact sums, + bias, one rounding to T,
+// ReLU, per layer; bit for bit. Grid data keep every partial sum exact in acc_t<T> whatever the
+// order; a deep float network keeps it only with unit weights (-1, 0, 1: no bits added per layer).
+template <class T>
+void check_mlp_forward(int64_t rows, const std::vector<int>& dims, bool bias, bool relu_last, std::mt19937& rng,
+                       bool unit_weights = false) {
+  const int layers = int(dims.size()) - 1;
+  std::vector<T> x = grid_data<T>(size_t(rows * dims[0]), 0.25, rng);
+  std::vector<std::vector<T>> w, b;
+  MlpForwardArgs<T> a;
+  a.layers = layers, a.rows = rows, a.relu_last = relu_last, a.x = x.data();
+  for (int l = 0; l < layers; ++l) {
+    w.push_back(grid_data<T>(size_t(dims[size_t(l)] * dims[size_t(l + 1)]), 0.125, rng));
+    if (unit_weights)
+      for (T& v : w.back()) v = from_double<T>(to_double(v) > 0 ? 1.0 : to_double(v) < 0 ? -1.0 : 0.0);
+    b.push_back(grid_data<T>(size_t(dims[size_t(l + 1)]), 0.5, rng));
+  }
+  for (int l = 0; l <= layers; ++l) a.dims[l] = dims[size_t(l)];
+  for (int l = 0; l < layers; ++l) a.w[l] = w[size_t(l)].data(), a.b[l] = bias ? b[size_t(l)].data() : nullptr;
+
+  std::vector<double> h(x.size());
+  for (size_t i = 0; i < x.size(); ++i) h[i] = to_double(x[i]);
+  std::vector<T> want;
+  for (int l = 0; l < layers; ++l) {
+    const int K = dims[size_t(l)], N = dims[size_t(l + 1)];
+    const bool relu = l + 1 < layers || relu_last;
+    std::vector<double> next(size_t(rows * N));
+    want.assign(size_t(rows * N), T());
+    for (int64_t i = 0; i < rows; ++i)
+      for (int j = 0; j < N; ++j) {
+        double z = bias ? to_double(b[size_t(l)][size_t(j)]) : 0.0;
+        for (int k = 0; k < K; ++k) z += h[size_t(i * K + k)] * to_double(w[size_t(l)][size_t(j * K + k)]);
+        T y = from_double<T>(z);
+        if (relu && !(to_double(y) > 0)) y = from_double<T>(0.0);
+        want[size_t(i * N + j)] = y;
+        next[size_t(i * N + j)] = to_double(y);
+      }
+    h = std::move(next);
+  }
+  std::vector<T> y(want.size(), sentinel<T>());
+  a.y = y.data();
+  const unsigned blocks = unsigned(div_up(rows, kMlpRows<T>));
+  emu::launch(dim3(blocks), dim3(kMlpThreads), [&] { mlp_forward_kernel<T>(a); }, emu::Order::Random, 13);
+  size_t bad = 0;
+  for (size_t i = 0; i < y.size(); ++i) bad += !same_bits(y[i], want[i]);
+  std::string shape;
+  for (int d : dims) shape += (shape.empty() ? "" : "-") + std::to_string(d);
+  char what[200];
+  std::snprintf(what, sizeof what, "mlp_forward_kernel %s rows=%lld %s bias=%d relu_last=%d: %zu of %zu bad",
+                type_name<T>(), (long long)rows, shape.c_str(), bias, relu_last, bad, y.size());
+  report(bad == 0, what);
+}
+
+template <class T>
+void mlp_forward_suite(bool quick, std::mt19937& rng) {
+  check_mlp_forward<T>(1, {784, 256, 10}, true, false, rng);  // the course MLPs at batch 1
+  check_mlp_forward<T>(5, {33, 17, 1}, false, false, rng);    // a last block of one row, no bias
+  check_mlp_forward<T>(3, {kMlpMaxWidth, 40}, true, true, rng);  // widest input, one layer, ReLU last
+  check_mlp_forward<T>(2, {0, 7, 3}, true, false, rng);       // no input features: the biases alone
+  if (quick) return;
+  check_mlp_forward<T>(kMlpForwardMaxRows, {784, 128, 64, 10}, true, false, rng);
+  // The most layers, a wide output; |sums| < 5 * 3^7 (plus the biases) stays exact in float.
+  check_mlp_forward<T>(9, {5, 3, 3, 3, 3, 3, 3, 3, 1030}, true, true, rng, true);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -474,6 +542,11 @@ int main(int argc, char** argv) {
   drelu_suite<double>(quick, rng);
   drelu_suite<__half>(quick, rng);
   drelu_suite<__nv_bfloat16>(quick, rng);
+
+  mlp_forward_suite<float>(quick, rng);
+  mlp_forward_suite<double>(quick, rng);
+  mlp_forward_suite<__half>(quick, rng);
+  mlp_forward_suite<__nv_bfloat16>(quick, rng);
 
   update_suite<float>(quick, rng);
   update_suite<double>(quick, rng);
