@@ -1,8 +1,8 @@
 """Runs the CUDA kernels of csrc/cuda on the CPU emulator in tests/cuda_emulation (no GPU needed):
 every tile configuration, operand layout and dtype path of the GEMMs, the dReLU + bias-grad
 kernels, the one-kernel inference of a whole small MLP and the whole step's multi-tensor SGD and
-Adam updates, checked bit for bit against exact
-references, with AddressSanitizer and UBSan on the quick run. The emulated threads are fibers with
+Adam updates, checked bit for bit against exact references, with AddressSanitizer and UBSan on the
+quick run. The emulated threads are fibers with
 real barrier / warp-shuffle semantics (see emu.h).
 
 This checks index math, bounds, barriers, mask-byte ownership and WMMA alignment rules; it does not
