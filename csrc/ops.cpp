@@ -44,6 +44,11 @@
 // changes nothing.
 #include <torch/extension.h>
 
+#include <map>
+#include <string>
+#include <vector>
+
+#include "cpu/gemm_choice.h"
 #include "cpu/kernels.h"
 
 #ifdef FASTMLP_WITH_CUDA
@@ -89,6 +94,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     " (or 'auto')");
       },
       "Select the CPU kernels: 'auto', 'avx512', 'avx2' or 'generic'.");
+  m.def("cpu_gemm", [] { return std::string(fastmlp::cpu::gemm_mode_name()); },
+        "Which GEMM serves the CPU layer ops: 'auto', 'fastmlp' or 'vendor' (FASTMLP_GEMM).");
+  m.def("set_cpu_gemm", [](const std::string& mode) {
+        TORCH_CHECK(fastmlp::cpu::set_gemm_mode(mode.c_str()), "fastmlp.set_cpu_gemm: mode must be 'auto', ",
+                    "'fastmlp' or 'vendor', got '", mode, "'");
+      },
+      "Select the GEMM of the CPU layer ops: 'auto', 'fastmlp' or 'vendor'; forgets the tuned choices.");
+  m.def("cpu_gemm_choices", [] {
+        std::vector<std::map<std::string, py::object>> out;
+        for (const auto& c : fastmlp::cpu::gemm_choices())
+          out.push_back({{"kind", py::str(c.kind)}, {"dtype", py::str(c.dtype)}, {"isa", py::str(c.isa)},
+                         {"rows", py::int_(c.rows)}, {"cols", py::int_(c.cols)}, {"inner", py::int_(c.inner)},
+                         {"threads", py::int_(c.threads)}, {"fastmlp_us", py::float_(c.fastmlp_us)},
+                         {"vendor_us", py::float_(c.vendor_us)},
+                         {"gemm", py::str(c.vendor ? "vendor" : "fastmlp")}});
+        return out;
+      },
+      "The CPU layer GEMM shapes timed both ways in 'auto' mode, with their times and the winner.");
   m.def("cuda_arch_list", [] {
 #ifdef FASTMLP_WITH_CUDA
     return std::string(fastmlp::cuda::compiled_arch_list());

@@ -25,11 +25,13 @@ __all__ = [
     "backend",
     "backend_info",
     "convert",
+    "cpu_gemm_choices",
     "functional",
     "linear",
     "linear_relu",
     "plain_mlp",
     "predict",
+    "set_cpu_gemm",
     "set_cpu_isa",
 ]
 
@@ -50,7 +52,8 @@ def backend(device="cpu") -> str:
 
 
 def backend_info() -> dict:
-    """Details behind backend(): extension status, CPU instruction set, CUDA build."""
+    """Details behind backend(): extension status, CPU instruction set, which GEMM serves the CPU layer
+    ops ("cpu_gemm", see set_cpu_gemm), CUDA build."""
     info = {
         "extension": _ops._C is not None,
         "cpu": backend("cpu"),
@@ -62,6 +65,10 @@ def backend_info() -> dict:
     else:
         info["cpu_isa"] = _ops._C.cpu_isa()
         info["supported_cpu_isas"] = _ops._C.supported_cpu_isas().split(",")
+        info["cpu_gemm"] = _ops._C.cpu_gemm()
+        vendor = sorted({f"{c['kind']} {c['rows']}x{c['inner']}->{c['cols']}" for c in cpu_gemm_choices()
+                         if c["gemm"] == "vendor"})
+        info["cpu_vendor_gemm_shapes"] = vendor
         info["cuda_archs"] = _ops._C.cuda_arch_list()
         info["cuda_kernels_built"] = bool(getattr(_ops._C, "has_cuda_kernels", lambda: False)())
     return info
@@ -75,6 +82,35 @@ def set_cpu_isa(isa: str = "auto") -> None:
     if _ops._C is None:
         raise RuntimeError(f"fastmlp.set_cpu_isa: no compiled extension ({_ops.FALLBACK_REASON})")
     _ops._C.set_cpu_isa(isa)
+
+
+def set_cpu_gemm(mode: str = "auto") -> None:
+    """Select the GEMM of the CPU layer ops (linear_relu, linear, FusedMLP inference):
+
+    "auto"     (default) the hand-written kernels, except that a GEMM of at least 2^28 flops is timed
+               once per process both ways (hand-written, and ATen's GEMM, i.e. MKL, followed by
+               fastmlp's own bias + ReLU + mask epilogue) and the faster serves that shape from then
+               on; cpu_gemm_choices() lists what was timed. Results may then differ in rounding (never
+               beyond float32 error) between processes.
+    "fastmlp"  always the hand-written kernels: bitwise reproducible run to run.
+    "vendor"   ATen's GEMM for every layer GEMM (plus fastmlp's epilogue); for comparison.
+
+    Also settable before import with FASTMLP_GEMM. The whole-step training ops always use the
+    hand-written kernels (their weight-gradient GEMM applies the optimizer update). Forgets the
+    choices made so far.
+    """
+    if _ops._C is None:
+        raise RuntimeError(f"fastmlp.set_cpu_gemm: no compiled extension ({_ops.FALLBACK_REASON})")
+    _ops._C.set_cpu_gemm(mode)
+
+
+def cpu_gemm_choices() -> list:
+    """The CPU layer GEMM shapes "auto" mode timed both ways in this process: dicts with kind
+    ("forward", "grad_input", "grad_weight"), dtype, isa, rows, cols and inner (C is rows x cols, summed
+    over inner; of the first GEMM timed: later batches in the same power-of-two range share the
+    choice), threads, fastmlp_us, vendor_us (best times) and gemm (the winner). [] without the
+    extension."""
+    return [] if _ops._C is None else _ops._C.cpu_gemm_choices()
 
 
 def __getattr__(name):

@@ -8,6 +8,8 @@ Environment (read once, at import):
   FASTMLP_DISABLE_EXTENSION=1  ignore the compiled extension: the pure-PyTorch reference serves all
   FASTMLP_CPU_ISA=NAME         the CPU kernels to use (avx512, avx2, generic; read by the extension); a
                                name this CPU cannot run warns and the best kernels serve
+  FASTMLP_GEMM=MODE            the GEMM of the CPU layer ops: auto (default), fastmlp or vendor (read by the
+                               extension; see fastmlp.set_cpu_gemm); another value warns and auto serves
   FASTMLP_CUDA_KERNELS=0       serve CUDA tensors with the PyTorch reference instead of the
                                hand-written CUDA kernels (the default when the build has them)
 """
@@ -107,6 +109,13 @@ else:
         warnings.warn(
             f"fastmlp: FASTMLP_CPU_ISA={_isa_env} is not a CPU kernel family this machine runs (it runs: "
             f"{_C.supported_cpu_isas()}); using {_C.cpu_isa()}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    _gemm_env = os.environ.get("FASTMLP_GEMM", "")
+    if _gemm_env not in ("", "auto", "fastmlp", "vendor"):
+        warnings.warn(
+            f"fastmlp: FASTMLP_GEMM={_gemm_env} is not a GEMM mode (auto, fastmlp or vendor); using auto",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -358,6 +358,10 @@ struct GemmImpl {
     }
   }
 
+  static void finish_rows(const Gemm<T>& g, int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) finish_row(g, i, 0, g.cols);
+  }
+
   static void dot_block(const Gemm<T>& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     for (int64_t i0 = r0; i0 < r1; i0 += kDotRowTile) {
       const int rows = int(imin(kDotRowTile, r1 - i0));
@@ -526,6 +530,7 @@ struct GemmImpl {
     KernelTable<T> k;
     k.gemm_block = &gemm_block;
     k.drelu_bias_grad = &drelu_bias_grad;
+    k.finish_rows = &finish_rows;
     k.apply_update = &apply_update;
     k.panel_cols = NRW;
     k.rows_per_tile = MR;

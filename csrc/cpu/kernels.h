@@ -116,6 +116,9 @@ struct KernelTable {
   // cols [c0, c1). Either of dz / gb may be null. mask == nullptr means "no ReLU" (dz = gy).
   void (*drelu_bias_grad)(int64_t rows, int64_t c0, int64_t c1, const T* gy, int64_t ldg,
                           const uint8_t* mask, int64_t ldm, T* dz, T* gb);
+  // g's epilogue (bias, ReLU, mask; no input mask) over rows [r0, r1) of a C that already holds the
+  // sums (the vendor GEMM's result, gemm_choice.h).
+  void (*finish_rows)(const Gemm<T>& g, int64_t r0, int64_t r1);
   // Applies `u` to n contiguous elements of its param / buf / buf2 from the gradient g.
   void (*apply_update)(const Update<T>& u, int64_t n, const T* g);
   int64_t panel_cols;     // width of one packed B panel (columns a micro-kernel produces at once)

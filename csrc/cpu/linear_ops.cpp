@@ -8,6 +8,7 @@
 #include <array>
 
 #include "checks.h"
+#include "gemm_choice.h"
 #include "kernels.h"
 #include "runner.h"
 
@@ -31,9 +32,11 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x_, const Tensor& w_, const std
   Tensor y = at::empty({M, N}, x.options());
   Tensor mask = relu ? at::empty({M, div_up(N, 8)}, x.options().dtype(at::kByte)) : Tensor();
   if (M == 0 || N == 0) return {y, mask};
-  run_gemm(table<T>(), layer_forward<T>(M, K, N, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
-                                         b.defined() ? b.const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>(),
-                                         relu, relu ? mask.mutable_data_ptr<uint8_t>() : nullptr));
+  run_layer_gemm(table<T>(),
+                 layer_forward<T>(M, K, N, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                  b.defined() ? b.const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>(), relu,
+                                  relu ? mask.mutable_data_ptr<uint8_t>() : nullptr),
+                 GemmKind::kForward);
   return {y, mask};
 }
 
@@ -58,9 +61,11 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& gy_, const Tensor& x_,
                              needs[2] ? gb.mutable_data_ptr<T>() : nullptr);
   }
   if (needs[0] && M > 0 && K > 0)  // gx = dz @ w
-    run_gemm(k, layer_grad_input<T>(M, K, N, dz.const_data_ptr<T>(), w.const_data_ptr<T>(), gx.mutable_data_ptr<T>()));
+    run_layer_gemm(k, layer_grad_input<T>(M, K, N, dz.const_data_ptr<T>(), w.const_data_ptr<T>(), gx.mutable_data_ptr<T>()),
+                   GemmKind::kGradInput);
   if (needs[1] && N > 0 && K > 0)  // gw = dz.T @ x  (zeros for an empty batch)
-    run_gemm(k, layer_grad_weight<T>(M, K, N, dz.const_data_ptr<T>(), x.const_data_ptr<T>(), gw.mutable_data_ptr<T>()));
+    run_layer_gemm(k, layer_grad_weight<T>(M, K, N, dz.const_data_ptr<T>(), x.const_data_ptr<T>(), gw.mutable_data_ptr<T>()),
+                   GemmKind::kGradWeight);
   return {gx, gw, gb};
 }
 

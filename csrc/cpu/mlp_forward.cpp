@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "gemm_choice.h"
 #include "kernels.h"
 #include "runner.h"
 
@@ -42,7 +43,8 @@ Tensor forward(const Tensor& x2, at::TensorList weights, at::TensorList biases, 
     const int64_t N = ws[l].size(0), K = ws[l].size(1);
     T* out = l + 1 == L ? y.mutable_data_ptr<T>() : work.mutable_data_ptr<T>() + (l % 2) * M * widest;
     const T* bias = bs.empty() ? nullptr : bs[l].const_data_ptr<T>();
-    run_gemm(k, layer_forward<T>(M, K, N, in, ws[l].const_data_ptr<T>(), bias, out, l + 1 < L || relu_last, nullptr));
+    run_layer_gemm(k, layer_forward<T>(M, K, N, in, ws[l].const_data_ptr<T>(), bias, out, l + 1 < L || relu_last, nullptr),
+                   GemmKind::kForward);
     in = out;
   }
   return y;

@@ -21,7 +21,7 @@ from .compare import compare
 from .inference import INFER_VARIANTS
 from .layers import LAYER_VARIANTS
 from .machine import machine_info, measure_peak
-from .report import fmt_time, format_machine, format_notes, format_tables, wrong_variants
+from .report import fmt_time, format_gemm_choices, format_machine, format_notes, format_tables, wrong_variants
 from .runner import Runner, Settings
 from .timing import TIMERS
 from .training import STEP_VARIANTS
@@ -182,10 +182,13 @@ def _run(args, argv, prog) -> int:
 
     good = [r for r in results if "error" not in r]
     elapsed = time.perf_counter() - t_start
-    print("\n" + format_tables(good, peak) + "\n\n" + format_notes(good, elapsed, machine))
+    gemm = _gemm_record()
+    print("\n" + format_tables(good, peak) + "\n\n" + format_gemm_choices(gemm) + "\n\n"
+          + format_notes(good, elapsed, machine))
     doc = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join([prog, *(argv if argv is not None else sys.argv[1:])]), "mode": mode,
-           "machine": machine, "peak": peak, "settings": settings_record(settings, elapsed), "results": results}
+           "machine": machine, "peak": peak, "settings": settings_record(settings, elapsed), "results": results,
+           "cpu_gemm": gemm}
     if args.json:
         write_json(args.json, doc)
         print(f"results written to {args.json}")
@@ -198,12 +201,22 @@ def _run(args, argv, prog) -> int:
     return status
 
 
+def _gemm_record():
+    """The CPU layer GEMM mode and the shapes "auto" timed, after the cases ran (None without the extension)."""
+    import fastmlp
+
+    if fastmlp.backend("cpu") != "compiled":
+        return None
+    return {"mode": fastmlp.backend_info()["cpu_gemm"], "choices": fastmlp.cpu_gemm_choices()}
+
+
 def show(doc) -> str:
     """The printed report of a saved run."""
     good = [r for r in doc.get("results", []) if "error" not in r]
     parts = [f"command: {doc.get('command')}  ({doc.get('created')})",
              format_machine(doc["machine"], doc.get("peak")), "",
              format_tables(good, doc.get("peak"), doc["machine"].get("threads")), "",
+             format_gemm_choices(doc.get("cpu_gemm")), "",
              format_notes(good, doc.get("settings", {}).get("elapsed_s"), doc["machine"])]
     parts += [f"FAILED {r['id']}: {r['error']}" for r in doc.get("results", []) if "error" in r]
     return "\n".join(parts)

@@ -154,6 +154,25 @@ def format_notes(results, elapsed=None, machine=None) -> str:
     return "\n".join(lines)
 
 
+def format_gemm_choices(gemm) -> str:
+    """Which GEMM served the CPU layer ops (fastmlp.set_cpu_gemm): the mode, and every shape "auto"
+    timed both ways with the winner."""
+    if not gemm:
+        return ""
+    lines = [f"CPU layer GEMM: {gemm['mode']}"]
+    if gemm["mode"] == "auto":
+        if not gemm["choices"]:
+            lines[0] += " (no GEMM large enough to time against ATen's; the hand-written kernels served all)"
+        else:
+            lines[0] += " (GEMMs of >= 2^28 flop timed once both ways, the faster kept):"
+            rows = [[c["kind"], f"{c['rows']}x{c['inner']}->{c['cols']}", c["dtype"], str(c["threads"]),
+                     fmt_time(c["fastmlp_us"] * 1e-6), fmt_time(c["vendor_us"] * 1e-6),
+                     "ATen (vendor)" if c["gemm"] == "vendor" else "fastmlp"] for c in gemm["choices"]]
+            lines += ["", markdown(["GEMM", "C = rows x inner -> cols", "dtype", "threads", "fastmlp",
+                                    "ATen + fastmlp epilogue", "serves"], rows)]
+    return "\n".join(lines)
+
+
 def format_machine(machine, peak=None) -> str:
     be = machine.get("backend", {})
     flags = machine.get("cpu_flags")

@@ -1,0 +1,151 @@
+// The vendor-GEMM safety net (gemm_choice.h): the mode, the per-shape timing and its record.
+#include "gemm_choice.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "runner.h"
+
+namespace fastmlp::cpu {
+
+namespace {
+
+bool parse_mode(const char* name, GemmMode* out) {
+  if (std::strcmp(name, "fastmlp") == 0) *out = GemmMode::kFastmlp;
+  else if (std::strcmp(name, "vendor") == 0) *out = GemmMode::kVendor;
+  else if (std::strcmp(name, "auto") == 0) *out = GemmMode::kAuto;
+  else return false;
+  return true;
+}
+
+std::atomic<GemmMode>& mode_state() {
+  static std::atomic<GemmMode> mode{[] {
+    GemmMode m = GemmMode::kAuto;
+    const char* env = std::getenv("FASTMLP_GEMM");
+    if (env && *env) parse_mode(env, &m);  // an unknown name: auto (fastmlp/_ops.py warns)
+    return m;
+  }()};
+  return mode;
+}
+
+// (kind, dtype, floor(log2(batch)), the two other dimensions, threads, isa)
+using Key = std::tuple<int, int, int, int64_t, int64_t, int, std::string>;
+std::mutex& choices_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+std::map<Key, GemmChoice>& choices() {
+  static std::map<Key, GemmChoice> m;
+  return m;
+}
+
+int log2_floor(int64_t v) {
+  int b = 0;
+  while (v > 1) v >>= 1, ++b;
+  return b;
+}
+
+const char* kind_name(GemmKind kind) {
+  switch (kind) {
+    case GemmKind::kForward: return "forward";
+    case GemmKind::kGradInput: return "grad_input";
+    default: return "grad_weight";
+  }
+}
+
+// C = A @ B by ATen's GEMM, straight into C, then fastmlp's epilogue (bias, ReLU, mask) row by row.
+template <typename T>
+void vendor_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor a = at::from_blob(const_cast<T*>(g.a), {g.rows, g.inner}, {g.a_rs, g.a_cs}, opt);
+  const at::Tensor b = at::from_blob(const_cast<T*>(g.b), {g.inner, g.cols}, {g.b_rs, g.b_cs}, opt);
+  at::Tensor c = at::from_blob(g.c, {g.rows, g.cols}, {g.ldc, 1}, opt);
+  at::mm_out(c, a, b);
+  if (g.bias == nullptr && !g.relu) return;
+  const int64_t nt = threads_for(g.rows * g.cols, kParallelElems);
+  if (nt == 1) return k.finish_rows(g, 0, g.rows);
+  at::parallel_for(0, g.rows, div_up(g.rows, nt), [&](int64_t r0, int64_t r1) { k.finish_rows(g, r0, r1); });
+}
+
+template <class F>
+double time_us(F&& f) {
+  const auto t0 = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+GemmMode gemm_mode() { return mode_state().load(std::memory_order_relaxed); }
+
+const char* gemm_mode_name() {
+  switch (gemm_mode()) {
+    case GemmMode::kFastmlp: return "fastmlp";
+    case GemmMode::kVendor: return "vendor";
+    default: return "auto";
+  }
+}
+
+bool set_gemm_mode(const char* name) {
+  GemmMode m;
+  if (!parse_mode(name, &m)) return false;
+  const std::lock_guard<std::mutex> lock(choices_mutex());
+  choices().clear();
+  mode_state().store(m);
+  return true;
+}
+
+std::vector<GemmChoice> gemm_choices() {
+  const std::lock_guard<std::mutex> lock(choices_mutex());
+  std::vector<GemmChoice> out;
+  for (const auto& [key, c] : choices()) out.push_back(c);
+  return out;
+}
+
+template <typename T>
+void run_layer_gemm(const KernelTable<T>& k, const Gemm<T>& g, GemmKind kind) {
+  const GemmMode mode = gemm_mode();
+  if (mode == GemmMode::kFastmlp || g.mask_in != nullptr || g.update.kind != UpdateKind::kNone) return run_gemm(k, g);
+  if (mode == GemmMode::kVendor) return vendor_gemm(k, g);
+  if (2 * g.rows * g.cols * g.inner < kTuneFlops) return run_gemm(k, g);
+
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const char* isa = active_kernels().isa;
+  // The batch (rows, or inner for dW) by power-of-two bucket, the layer's widths exactly.
+  const bool dw = kind == GemmKind::kGradWeight;
+  const Key key{int(kind), int(sizeof(T)), log2_floor(dw ? g.inner : g.rows), dw ? g.rows : g.cols,
+                dw ? g.cols : g.inner, threads, isa};
+  {
+    const std::lock_guard<std::mutex> lock(choices_mutex());
+    const auto it = choices().find(key);
+    if (it != choices().end()) return it->second.vendor ? vendor_gemm(k, g) : run_gemm(k, g);
+  }
+  // First time for this shape: both ways on the real operands, alternating (each run writes the
+  // same result into C, to rounding); the first round warms caches and is not counted.
+  double ours = 1e300, theirs = 1e300;
+  for (int round = 0; round < 4; ++round) {
+    const double a = time_us([&] { run_gemm(k, g); });
+    const double b = time_us([&] { vendor_gemm(k, g); });
+    if (round > 0) ours = std::min(ours, a), theirs = std::min(theirs, b);
+  }
+  // The hand-written kernel keeps shapes where the vendor GEMM is not clearly (3%) faster.
+  const bool vendor = theirs * 1.03 < ours;
+  if (!vendor) run_gemm(k, g);  // C from the way later calls take (the last run was the vendor's)
+  const std::lock_guard<std::mutex> lock(choices_mutex());
+  choices().emplace(key, GemmChoice{kind_name(kind), sizeof(T) == 4 ? "float32" : "float64", isa, g.rows, g.cols,
+                                    g.inner, threads, ours, theirs, vendor});
+}
+
+template void run_layer_gemm<float>(const KernelTable<float>&, const Gemm<float>&, GemmKind);
+template void run_layer_gemm<double>(const KernelTable<double>&, const Gemm<double>&, GemmKind);
+
+}  // namespace fastmlp::cpu

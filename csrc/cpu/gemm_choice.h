@@ -1,0 +1,50 @@
+// The vendor-GEMM safety net of the CPU layer ops: a layer GEMM (forward, dX or dW) may be computed
+// by ATen's GEMM (at::mm -> MKL / oneDNN / OpenBLAS) with fastmlp's own epilogue (bias, ReLU, 1-bit
+// mask) applied after it, where that measures faster than the hand-written kernel.
+//
+// Mode, from $FASTMLP_GEMM at the first layer op or from set_gemm_mode():
+//   fastmlp  always the hand-written kernels (bitwise reproducible run to run);
+//   vendor   ATen's GEMM for every layer GEMM that has one (for comparison and testing);
+//   auto     (default) GEMMs of at least kTuneFlops are timed once per process, both ways, on their
+//            own operands; the faster serves that GEMM from then on. Smaller ones never leave the
+//            hand-written kernels (they must win there on their own; BENCHMARKS.md).
+// Which way won is recorded per (GEMM kind, dtype, batch rounded down to a power of two, the
+// layer's two widths, threads, ISA) and listed by gemm_choices() (fastmlp.cpu_gemm_choices()); the
+// batch is C's rows in the forward and dX GEMMs, the sum's length (inner) in dW. The whole-step
+// ops never use the vendor GEMM: their dW carries the fused optimizer update.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace fastmlp::cpu {
+
+enum class GemmMode : uint8_t { kFastmlp, kVendor, kAuto };
+
+GemmMode gemm_mode();
+const char* gemm_mode_name();
+bool set_gemm_mode(const char* name);  // false for an unknown name; clears the recorded choices
+
+inline constexpr int64_t kTuneFlops = int64_t(1) << 28;  // 2 * rows * cols * inner
+
+// One tuned GEMM shape and what it measured.
+struct GemmChoice {
+  std::string kind, dtype, isa;
+  int64_t rows, cols, inner;  // of the first problem of its batch bucket [2^k, 2^(k+1))
+  int threads;
+  double fastmlp_us, vendor_us;  // best of the timed runs
+  bool vendor;
+};
+std::vector<GemmChoice> gemm_choices();
+
+enum class GemmKind : uint8_t { kForward, kGradInput, kGradWeight };
+
+// Computes g (a layer GEMM built by layer_forward / layer_grad_input / layer_grad_weight: no input
+// mask, no update) by the way the mode picks. Defined for float and double.
+template <typename T>
+void run_layer_gemm(const KernelTable<T>& k, const Gemm<T>& g, GemmKind kind);
+
+}  // namespace fastmlp::cpu

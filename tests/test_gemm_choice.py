@@ -1,0 +1,122 @@
+"""The vendor-GEMM safety net of the CPU layer ops (csrc/cpu/gemm_choice.h, fastmlp.set_cpu_gemm):
+with "vendor" every layer GEMM is ATen's (MKL) followed by fastmlp's own epilogue, and must give what
+nn.Linear + nn.ReLU give, masks included; "auto" times large GEMMs both ways once and records the
+choice; the whole-step ops never leave the hand-written kernels."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmlp
+from fastmlp._reference import pack_bits
+from test_inference import NETS, _truth
+from test_parity import SHAPES, _check
+from _helpers import assert_close_to_truth
+
+pytestmark = pytest.mark.skipif(fastmlp.backend("cpu") != "compiled", reason="needs the compiled extension")
+
+
+@pytest.fixture
+def gemm_mode(request):
+    fastmlp.set_cpu_gemm(request.param)
+    yield request.param
+    fastmlp.set_cpu_gemm("auto")
+
+
+@pytest.mark.parametrize("gemm_mode", ["vendor"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("relu", [True, False], ids=["linear_relu", "linear"])
+def test_vendor_layers_match_nn_linear(gemm_mode, dtype, shape, relu):
+    batch, fan_in, fan_out = shape
+    _check(relu, (batch, fan_in), fan_out, True, dtype, "cpu")
+
+
+@pytest.mark.parametrize("gemm_mode", ["vendor"], indirect=True)
+@pytest.mark.parametrize("relu", [True, False], ids=["linear_relu", "linear"])
+def test_vendor_no_bias_and_non_contiguous(gemm_mode, relu):
+    _check(relu, (37, 50), 19, False, torch.float32, "cpu")
+    _check(relu, (80, 96), 40, True, torch.float32, "cpu", x=torch.randn(80, 2 * 96)[:, ::2])
+
+
+@pytest.mark.parametrize("gemm_mode", ["vendor"], indirect=True)
+@pytest.mark.parametrize("n_out", [1, 10, 64, 257])
+def test_vendor_mask_is_packed_relu_bits(gemm_mode, n_out):
+    torch.manual_seed(2)
+    x, w, b = torch.randn(19, 30), torch.randn(n_out, 30), torch.randn(n_out)
+    y, mask = torch.ops.fastmlp.linear_relu_fwd(x, w, b)
+    assert torch.equal(mask, pack_bits(y > 0))
+    torch.testing.assert_close(y, torch.relu(torch.nn.functional.linear(x, w, b)))
+
+
+@pytest.mark.parametrize("gemm_mode", ["vendor"], indirect=True)
+@pytest.mark.parametrize("sizes", NETS, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("batch", [0, 1, 300])
+def test_vendor_inference(gemm_mode, sizes, batch):
+    torch.manual_seed(batch)
+    model = fastmlp.FusedMLP(sizes).eval()
+    x = torch.randn(batch, sizes[0])
+    with torch.inference_mode():
+        ours, theirs = model(x), model.to_torch()(x)
+    truth = _truth(x, [m.weight for m in model], [m.bias for m in model])
+    assert_close_to_truth(ours, theirs, truth, "output")
+
+
+@pytest.mark.parametrize("gemm_mode", ["auto"], indirect=True)
+def test_auto_times_large_gemms_once_and_records_the_choice(gemm_mode):
+    assert fastmlp.backend_info()["cpu_gemm"] == "auto"
+    assert fastmlp.cpu_gemm_choices() == []
+    torch.manual_seed(0)
+    small = fastmlp.FusedLinearReLU(784, 256)
+    small(torch.randn(64, 784, requires_grad=True)).sum().backward()
+    assert fastmlp.cpu_gemm_choices() == [], "a batch-64 layer must never be timed against the vendor GEMM"
+    # 1100 x 784 -> 256: 2 * 1100 * 784 * 256 = 442 Mflop per GEMM, above the 2^28 threshold.
+    _check(True, (1100, 784), 256, True, torch.float32, "cpu")
+    choices = fastmlp.cpu_gemm_choices()
+    assert sorted(c["kind"] for c in choices) == ["forward", "grad_input", "grad_weight"], choices
+    for c in choices:
+        assert c["dtype"] == "float32" and 1100 in (c["rows"], c["inner"]) and c["threads"] == torch.get_num_threads()
+        assert c["fastmlp_us"] > 0 and c["vendor_us"] > 0 and c["gemm"] in ("fastmlp", "vendor")
+        assert (c["gemm"] == "vendor") == (c["vendor_us"] * 1.03 < c["fastmlp_us"])
+    vendor = {f"{c['kind']} {c['rows']}x{c['inner']}->{c['cols']}" for c in choices if c["gemm"] == "vendor"}
+    assert set(fastmlp.backend_info()["cpu_vendor_gemm_shapes"]) == vendor
+    # Same shapes again (another batch in the same power-of-two bucket): no new timing.
+    _check(True, (1500, 784), 256, True, torch.float32, "cpu")
+    assert len(fastmlp.cpu_gemm_choices()) == 3
+    fastmlp.set_cpu_gemm("fastmlp")
+    assert fastmlp.cpu_gemm_choices() == []
+
+
+@pytest.mark.parametrize("gemm_mode", ["vendor"], indirect=True)
+def test_whole_step_ops_keep_the_hand_written_gemm(gemm_mode):
+    """The step ops' dW GEMM applies the optimizer update: vendor mode must not change a bit of them."""
+    def run():
+        torch.manual_seed(0)
+        model = fastmlp.FusedMLP((784, 128, 64, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        x, y = torch.randn(600, 784), torch.randint(0, 10, (600,))
+        losses = [model.sgd_step(x[:64], y[:64], opt)] + list(model.train_steps(x, y, opt, batch_size=64))
+        return torch.stack([torch.as_tensor(v) for v in losses]), [p.detach().clone() for p in model.parameters()]
+
+    vendor_losses, vendor_params = run()
+    fastmlp.set_cpu_gemm("fastmlp")
+    losses, params = run()
+    assert torch.equal(vendor_losses, losses)
+    assert all(torch.equal(a, b) for a, b in zip(vendor_params, params))
+
+
+def test_bad_modes_are_refused():
+    with pytest.raises(RuntimeError, match="mode must be 'auto', 'fastmlp' or 'vendor', got 'mkl'"):
+        fastmlp.set_cpu_gemm("mkl")
+    assert fastmlp.backend_info()["cpu_gemm"] == "auto"
+    env = dict(os.environ, FASTMLP_GEMM="mkl")
+    code = "import warnings; warnings.simplefilter('error'); import fastmlp"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "FASTMLP_GEMM=mkl is not a GEMM mode" in r.stderr
+    env["FASTMLP_GEMM"] = "vendor"
+    code = "import fastmlp; print(fastmlp.backend_info()['cpu_gemm'])"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "vendor", r.stderr
