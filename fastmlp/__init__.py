@@ -52,8 +52,9 @@ def backend(device="cpu") -> str:
 
 
 def backend_info() -> dict:
-    """Details behind backend(): extension status, CPU instruction set, which GEMM serves the CPU layer
-    ops ("cpu_gemm", see set_cpu_gemm), CUDA build."""
+    """Details behind backend(): extension status, CPU instruction set, what runs bfloat16 on the CPU
+    ("cpu_bf16": AMX tiles, or the float32 kernels on widened operands), which GEMM serves the CPU
+    layer ops ("cpu_gemm", see set_cpu_gemm), CUDA build."""
     info = {
         "extension": _ops._C is not None,
         "cpu": backend("cpu"),
@@ -65,6 +66,8 @@ def backend_info() -> dict:
     else:
         info["cpu_isa"] = _ops._C.cpu_isa()
         info["supported_cpu_isas"] = _ops._C.supported_cpu_isas().split(",")
+        isa = info["cpu_isa"]
+        info["cpu_bf16"] = isa if isa.startswith("amx") else "float32 kernels (operands widened)"
         info["cpu_gemm"] = _ops._C.cpu_gemm()
         vendor = sorted({f"{c['kind']} {c['rows']}x{c['inner']}->{c['cols']}" for c in cpu_gemm_choices()
                          if c["gemm"] == "vendor"})
@@ -75,7 +78,8 @@ def backend_info() -> dict:
 
 
 def set_cpu_isa(isa: str = "auto") -> None:
-    """Select the CPU kernels: "auto" (best for this CPU), "avx512", "avx2" or "generic".
+    """Select the CPU kernels: "auto" (best for this CPU), "amx" (avx512 plus AMX tiles for bfloat16),
+    "avx512", "avx2" or "generic"; "amx-emulated" runs the AMX code on an emulator (any CPU; testing).
 
     Also settable before import with FASTMLP_CPU_ISA. Mainly for testing and benchmarking.
     """

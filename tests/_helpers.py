@@ -13,8 +13,9 @@ DEVICES = [
                                 pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
 ]
 
-# The CPU kernel families the extension compiles (csrc/cpu/dispatch.cpp), best first.
-COMPILED_CPU_ISAS = ("avx512", "avx2", "generic")
+# The CPU kernel families the extension compiles (csrc/cpu/dispatch.cpp), best first. "amx" is the
+# avx512 kernels plus the AMX bfloat16 GEMM.
+COMPILED_CPU_ISAS = ("amx", "avx512", "avx2", "generic")
 
 
 def torch_train_step(model, opt, x, y):
@@ -24,6 +25,13 @@ def torch_train_step(model, opt, x, y):
     loss.backward()
     opt.step()
     return loss.detach()
+
+
+def low_precision_isas():
+    """cpu_isas() and "amx-emulated" (the AMX bfloat16 kernels on the emulator, any CPU): the kernel
+    families the bfloat16 tests run on."""
+    isas = cpu_isas()
+    return isas if isas == ["fallback"] else isas + ["amx-emulated"]
 
 
 def cpu_isas():

@@ -19,18 +19,31 @@ def pytest_generate_tests(metafunc):
     if "isa" in metafunc.fixturenames:
         from _helpers import cpu_isas
         metafunc.parametrize("isa", cpu_isas(), indirect=True)
+    if "low_isa" in metafunc.fixturenames:
+        from _helpers import low_precision_isas
+        metafunc.parametrize("low_isa", low_precision_isas(), indirect=True)
+
+
+def _select_isa(name):
+    import fastmlp
+    if name != "fallback":
+        fastmlp.set_cpu_isa(name)
+    yield name
+    if name != "fallback":
+        fastmlp.set_cpu_isa("auto")
 
 
 @pytest.fixture
 def isa(request):
     """Runs the test once per CPU kernel family (see _helpers.cpu_isas), selected with
     fastmlp.set_cpu_isa and reset to "auto" afterwards; "fallback": the pure-PyTorch reference."""
-    import fastmlp
-    if request.param != "fallback":
-        fastmlp.set_cpu_isa(request.param)
-    yield request.param
-    if request.param != "fallback":
-        fastmlp.set_cpu_isa("auto")
+    yield from _select_isa(request.param)
+
+
+@pytest.fixture
+def low_isa(request):
+    """The `isa` fixture over _helpers.low_precision_isas(): also the AMX kernels on the emulator."""
+    yield from _select_isa(request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -30,10 +30,10 @@ def test_zero_dim_input():
         fastmlp.linear_relu(torch.tensor(1.0), torch.randn(3, 1))
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.complex64])
 def test_unsupported_cpu_dtype(dtype):
     x, w, b = _xwb()
-    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+    with pytest.raises(RuntimeError, match="x must be float32, float64, bfloat16 or float16 on the CPU"):
         ops.linear_relu_fwd(x.to(dtype), w.to(dtype), b.to(dtype))
 
 

@@ -6,7 +6,13 @@
 #include <new>
 #include <string>
 
+#include "amx.h"
 #include "kernels.h"
+
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace fastmlp::cpu {
 
@@ -26,7 +32,7 @@ bool cpu_has(const char* isa) {
   return false;
 }
 
-const Kernels* table_for(const char* isa) {
+const Kernels* plain_table(const char* isa) {
   if (!cpu_has(isa)) return nullptr;
   if (std::strcmp(isa, "generic") == 0) return &kernels_generic();
 #if defined(__x86_64__) || defined(_M_X64)
@@ -36,10 +42,40 @@ const Kernels* table_for(const char* isa) {
   return nullptr;
 }
 
-const Kernels* best() {
+const Kernels* best_plain() {
   for (const char* isa : {"avx512", "avx2", "generic"})
-    if (const Kernels* k = table_for(isa)) return k;
+    if (const Kernels* k = plain_table(isa)) return k;
   return &kernels_generic();
+}
+
+const Kernels* table_for(const char* isa) {
+  if (std::strcmp(isa, "amx-emulated") == 0) {
+    static const Kernels k = [] {
+      Kernels t = *best_plain();
+      t.isa = "amx-emulated";
+      t.amx = &amx_emulated_kernels();
+      return t;
+    }();
+    return &k;
+  }
+#if defined(__x86_64__) || defined(_M_X64)
+  if (std::strcmp(isa, "amx") == 0) {
+    if (!cpu_has("avx512") || !amx_usable()) return nullptr;
+    static const Kernels k = [] {
+      Kernels t = kernels_avx512();
+      t.isa = "amx";
+      t.amx = &amx_kernels();
+      return t;
+    }();
+    return &k;
+  }
+#endif
+  return plain_table(isa);
+}
+
+const Kernels* best() {
+  if (const Kernels* k = table_for("amx")) return k;
+  return best_plain();
 }
 
 std::atomic<const Kernels*>& current() {
@@ -66,12 +102,30 @@ bool set_isa(const char* isa) {
 
 const char* supported_isas() {
   static const std::string s = [] {
-    std::string out;
+    std::string out = table_for("amx") ? "amx" : "";
     for (const char* isa : {"avx512", "avx2", "generic"})
       if (cpu_has(isa)) out += (out.empty() ? "" : ",") + std::string(isa);
     return out;
   }();
   return s.c_str();
+}
+
+bool amx_usable() {
+  static const bool ok = [] {
+    if (const char* v = std::getenv("FASTMLP_REFUSE_AMX"); v && std::strcmp(v, "1") == 0) return false;  // tests
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+    // Linux hands out AMX tile state only on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA);
+    // a tile instruction before that faults.
+    constexpr long kArchReqXcompPerm = 0x1023;
+    constexpr long kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
 }
 
 void* scratch(int64_t bytes) {

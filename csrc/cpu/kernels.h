@@ -127,10 +127,14 @@ struct KernelTable {
   int64_t col_align;   // alignment of column ranges (a multiple of 8)
 };
 
+struct AmxKernels;  // amx.h
+
 struct Kernels {
   const char* isa;
   KernelTable<float> f32;
   KernelTable<double> f64;
+  // bfloat16 GEMMs on AMX tiles, or null: bf16 then runs on the float32 kernels (operands widened).
+  const AmxKernels* amx = nullptr;
 };
 
 // Defined by each ISA translation unit. The avx512/avx2 ones exist only on x86-64.
@@ -141,6 +145,8 @@ const Kernels& kernels_avx512();
 #endif
 
 // The table in use: the best the CPU supports, or the one named by $FASTMLP_CPU_ISA / set_isa().
+// "amx" is the avx512 tables with the AMX bf16 GEMM; "amx-emulated" the best other tables with the
+// same AMX code on an emulator (a testing aid, never chosen by "auto" nor listed as supported).
 const Kernels& active_kernels();
 // Returns false if `isa` is unknown or not supported by this CPU.
 bool set_isa(const char* isa);

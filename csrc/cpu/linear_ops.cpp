@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 
+#include "amx_ops.h"
 #include "checks.h"
 #include "gemm_choice.h"
 #include "kernels.h"
@@ -18,8 +19,21 @@ namespace {
 
 using at::Tensor;
 
-constexpr DtypeRule kDtypes{[](at::ScalarType t) { return t == at::kFloat || t == at::kDouble; },
-                            "float32 or float64 on the CPU"};
+constexpr DtypeRule kDtypes{[](at::ScalarType t) {
+                              return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+                            },
+                            "float32, float64, bfloat16 or float16 on the CPU"};
+
+// bfloat16 / float16: PyTorch's low-precision linear on the CPU (low-precision operands, float32
+// sums, each output rounded once). bfloat16 runs on AMX tiles when the active kernels have them
+// (amx_ops.h); otherwise the operands are widened to float32, which is exact, the float32 kernels
+// run and their outputs are rounded. The ReLU mask is then that of the float32 sum, which equals
+// the rounded output's sign except for sums below the smallest subnormal of the low-precision type.
+bool low_precision(const Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
+Tensor wide(const Tensor& t) { return t.to(at::kFloat); }
+std::optional<Tensor> wide(const std::optional<Tensor>& t) {
+  return t.has_value() ? std::optional<Tensor>(wide(*t)) : std::nullopt;
+}
 
 Tensor unused(const Tensor& like) { return at::empty({0}, like.options()); }
 
@@ -69,28 +83,37 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& gy_, const Tensor& x_,
   return {gx, gw, gb};
 }
 
-#define FASTMLP_DISPATCH_FLOAT(dtype, op, ...)                         \
-  [&] {                                                                \
-    if ((dtype) == at::kDouble) {                                      \
-      using scalar_t = double;                                         \
-      return __VA_ARGS__();                                            \
-    }                                                                  \
-    TORCH_CHECK((dtype) == at::kFloat, op, ": unsupported dtype ", dtype); \
-    using scalar_t = float;                                            \
-    return __VA_ARGS__();                                              \
-  }()
+std::tuple<Tensor, Tensor> any_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu) {
+  if (x.scalar_type() == at::kDouble) return forward<double>(x, w, b, relu);
+  if (!low_precision(x)) return forward<float>(x, w, b, relu);
+  if (const AmxKernels* amx = active_kernels().amx; amx && x.scalar_type() == at::kBFloat16) {
+    Tensor mask = relu ? at::empty({x.size(0), div_up(w.size(0), 8)}, x.options().dtype(at::kByte)) : Tensor();
+    Tensor y = amx_linear(*amx, x.contiguous(), w.contiguous(), b, relu, relu ? mask.mutable_data_ptr<uint8_t>() : nullptr);
+    return {y, mask};
+  }
+  auto [y, mask] = forward<float>(wide(x), wide(w), wide(b), relu);
+  return {y.to(x.scalar_type()), mask};
+}
+
+std::tuple<Tensor, Tensor, Tensor> any_backward(const Tensor& gy, const Tensor& x, const Tensor& w,
+                                                const Tensor* mask, std::array<bool, 3> needs) {
+  if (x.scalar_type() == at::kDouble) return backward<double>(gy, x, w, mask, needs);
+  if (!low_precision(x)) return backward<float>(gy, x, w, mask, needs);
+  if (const AmxKernels* amx = active_kernels().amx; amx && x.scalar_type() == at::kBFloat16)
+    return amx_linear_backward(*amx, gy, x.contiguous(), w.contiguous(), mask, needs);
+  auto [gx, gw, gb] = backward<float>(wide(gy), wide(x), wide(w), mask, needs);
+  const auto t = x.scalar_type();
+  return {gx.to(t), gw.to(t), gb.to(t)};
+}
 
 std::tuple<Tensor, Tensor> linear_relu_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
-  constexpr const char* op = "fastmlp::linear_relu_fwd";
-  check_linear_args(op, x, w, b, kDtypes);
-  return FASTMLP_DISPATCH_FLOAT(x.scalar_type(), op, [&] { return forward<scalar_t>(x, w, b, true); });
+  check_linear_args("fastmlp::linear_relu_fwd", x, w, b, kDtypes);
+  return any_forward(x, w, b, true);
 }
 
 Tensor linear_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
-  constexpr const char* op = "fastmlp::linear_fwd";
-  check_linear_args(op, x, w, b, kDtypes);
-  return FASTMLP_DISPATCH_FLOAT(x.scalar_type(), op,
-                                [&] { return std::get<0>(forward<scalar_t>(x, w, b, false)); });
+  check_linear_args("fastmlp::linear_fwd", x, w, b, kDtypes);
+  return std::get<0>(any_forward(x, w, b, false));
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_relu_bwd(const Tensor& gy, const Tensor& x, const Tensor& w,
@@ -99,14 +122,13 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_bwd(const Tensor& gy, const Tenso
   check_grad_args(op, gy, x, w, kDtypes);
   check_mask(op, mask, x, w);
   const Tensor m = mask.contiguous();
-  return FASTMLP_DISPATCH_FLOAT(x.scalar_type(), op, [&] { return backward<scalar_t>(gy, x, w, &m, needs); });
+  return any_backward(gy, x, w, &m, needs);
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& gy, const Tensor& x, const Tensor& w,
                                               std::array<bool, 3> needs) {
-  constexpr const char* op = "fastmlp::linear_bwd";
-  check_grad_args(op, gy, x, w, kDtypes);
-  return FASTMLP_DISPATCH_FLOAT(x.scalar_type(), op, [&] { return backward<scalar_t>(gy, x, w, nullptr, needs); });
+  check_grad_args("fastmlp::linear_bwd", gy, x, w, kDtypes);
+  return any_backward(gy, x, w, nullptr, needs);
 }
 
 }  // namespace

@@ -2,11 +2,13 @@
 // whole-step op.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "amx.h"
 #include "kernels.h"
 
 namespace fastmlp::cpu {
@@ -75,6 +77,23 @@ void run_drelu_bias_grad(const KernelTable<T>& k, int64_t rows, int64_t cols, co
   at::parallel_for(0, chunks, div_up(chunks, nt), [&](int64_t begin, int64_t end) {
     k.drelu_bias_grad(rows, begin * k.col_align, std::min(cols, end * k.col_align), gy, cols, mask,
                       ldm, dz, gb);
+  });
+}
+
+// A bf16 GEMM on AMX tiles: A packed once (by the calling thread), then the threads take whole
+// 32-column panels, each packing its own B panels.
+inline void run_gemm_amx(const AmxKernels& k, const GemmLow& g) {
+  if (g.rows == 0 || g.cols == 0) return;
+  const at::Tensor a = at::empty({amx_pad(g.rows, kAmxRows) * amx_pad(g.inner, kAmxK)}, at::kBFloat16);
+  bf16_t* ap = static_cast<bf16_t*>(a.data_ptr());
+  k.pack_a(g, ap);
+  const int64_t panels = div_up(g.cols, kAmxCols);
+  const int64_t nt = std::min(panels, int64_t(threads_for(2 * g.rows * g.cols * std::max<int64_t>(g.inner, 1),
+                                                          kParallelFlops)));
+  if (nt <= 1) return k.gemm_cols(g, ap, 0, g.cols);
+  at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      k.gemm_cols(g, ap, panels * t / nt * kAmxCols, std::min(g.cols, panels * (t + 1) / nt * kAmxCols));
   });
 }
 

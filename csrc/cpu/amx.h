@@ -1,0 +1,64 @@
+// Interface of the bfloat16 GEMM on Intel AMX tiles (amx_impl.h): C = A @ B with bf16 operands,
+// float32 sums, and the layer epilogue. Raw pointers only (no ATen), like kernels.h.
+//
+// Operands are read from bfloat16 storage, or from float32 storage and rounded to bf16 (RNE, as
+// tensor.to(torch.bfloat16)) while they are packed, so float32 tensors feed the tiles without a
+// bf16 copy of their own. A is packed once per call into bf16 rows padded to a multiple of 32 along
+// K (zeros: AMX never reads past a row, and 784 is not a multiple of 32) and of 32 rows; B panel by
+// panel (32 columns) into the VNNI-2 layout TDPBF16PS reads: pairs of consecutive K values of one
+// column side by side.
+#pragma once
+
+#include <cstdint>
+
+namespace fastmlp::cpu {
+
+using bf16_t = uint16_t;  // the bits of a bfloat16
+
+// C(i, j) = sum_p A(i, p) * B(p, j); A(i, p) = a[i * a_rs + p * a_cs], B(p, j) = b[p * b_rs + j * b_cs].
+// Epilogue on each float32 sum, in order: + bias[j] (float32); ReLU (keeping NaN), with bit j % 8 of
+// mask[i * ldm + j / 8] set iff the stored value is > 0 (when mask is given); stored to c16 (rounded
+// to bf16, RNE) or c32 (float32), leading dimension ldc. TDPBF16PS's arithmetic: each product exact,
+// each addition rounded (RNE), k ascending, bf16 subnormal inputs read as 0, subnormal sums flushed.
+struct GemmLow {
+  int64_t rows = 0, cols = 0, inner = 0;
+  const void* a = nullptr;
+  int64_t a_rs = 0, a_cs = 0;
+  bool a_f32 = false;  // A stored as float32 (else bf16)
+  const void* b = nullptr;
+  int64_t b_rs = 0, b_cs = 0;
+  bool b_f32 = false;
+  bf16_t* c16 = nullptr;
+  float* c32 = nullptr;
+  int64_t ldc = 0;
+  const float* bias = nullptr;
+  bool relu = false;
+  uint8_t* mask = nullptr;
+  int64_t ldm = 0;
+};
+
+inline constexpr int64_t kAmxK = 32;     // bf16 values of K per tile row (64 bytes)
+inline constexpr int64_t kAmxRows = 32;  // rows of C per block (two 16-row tiles)
+inline constexpr int64_t kAmxCols = 32;  // columns of C per panel (two 16-column tiles)
+inline int64_t amx_pad(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+struct AmxKernels {
+  const char* name;  // "amx" (the tile instructions) or "amx-emulated" (amx_emulator.h)
+  // Packs all of A: amx_pad(rows, kAmxRows) rows of amx_pad(inner, kAmxK) bf16 each.
+  void (*pack_a)(const GemmLow& g, bf16_t* dst);
+  // Columns [c0, c1) of C (c0 a multiple of kAmxCols) from the packed A; B is packed here, panel by
+  // panel, into this thread's scratch. Sets up and releases the tile configuration itself.
+  void (*gemm_cols)(const GemmLow& g, const bf16_t* a_packed, int64_t c0, int64_t c1);
+};
+
+// Defined by gemm_amx.cpp (x86-64 only) and gemm_amx_emulated.cpp.
+#if defined(__x86_64__) || defined(_M_X64)
+const AmxKernels& amx_kernels();
+#endif
+const AmxKernels& amx_emulated_kernels();
+
+// The process may use AMX tile data (Linux asks for permission first: arch_prctl
+// ARCH_REQ_XCOMP_PERM for XTILEDATA); requested once, false if refused or not supported.
+bool amx_usable();
+
+}  // namespace fastmlp::cpu
