@@ -21,7 +21,7 @@ import torch
 from .data import CLASS_NAMES, DATASETS, NUM_CLASSES, DataError, load_raw
 from .models import BACKENDS
 from .classify import FIT, ImageError, load_images, probabilities, resolve_model
-from .training import (CHECKPOINT_NAME, OPTIMIZERS, RECIPES, SCHEDULES, CheckpointError, TrainConfig,
+from .training import (CHECKPOINT_NAME, OPTIMIZERS, PRECISIONS, RECIPES, SCHEDULES, CheckpointError, TrainConfig,
                     default_config, evaluate_checkpoint, load_checkpoint, new_figure, plot_confusion,
                     resume_conflicts, save_figure, train)
 
@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (cosine: per step, to 0)")
     t.add_argument("--seed", type=_non_negative_int)
     t.add_argument("--backend", choices=BACKENDS, help="fused: fastmlp kernels (default); torch: nn.Linear+nn.ReLU")
+    t.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32 (default), or bf16: the model under torch.autocast(bfloat16) (float32 weights, "
+                        "optimizer state and loss; AMX tiles where the CPU has them), for either backend")
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--root", type=Path, help="dataset root holding MNIST/raw/ or FashionMNIST/raw/ "
                                              "(default: $FASTMLP_DATA, then ./data)")

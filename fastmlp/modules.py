@@ -122,12 +122,32 @@ class FusedMLP(nn.Sequential):
         self._check_input("adam_step", x)
         return _without_grad(bind(self, optimizer, "adam").step, x, target)
 
-    def train_step(self, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        """sgd_step or adam_step, as `optimizer` (torch.optim.SGD, Adam or AdamW) calls for."""
-        return getattr(self, f"{step_kind(optimizer, 'FusedMLP.train_step')}_step")(x, target, optimizer)
+    def train_step(self, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   precision: str = "fp32") -> torch.Tensor:
+        """sgd_step or adam_step, as `optimizer` (torch.optim.SGD, Adam or AdamW) calls for.
+
+        precision="bf16": mixed precision, float32 weights and optimizer state, bfloat16 GEMM operands
+        with float32 sums (AMX tiles where the CPU has them), float32 softmax, loss and update; the
+        same arithmetic as the plain model's step under torch.autocast("cpu"/"cuda", torch.bfloat16)
+        with the loss taken on float32 logits. It runs the fused layers under autocast with autograd
+        and then optimizer.step() (so .grad is written): not yet one op."""
+        kind = step_kind(optimizer, "FusedMLP.train_step")
+        if _precision(precision, "FusedMLP.train_step") == "bf16":
+            self._check_input("train_step", x)
+            return self._autocast_step(x, target, optimizer)
+        return getattr(self, f"{kind}_step")(x, target, optimizer)
+
+    def _autocast_step(self, x, target, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            logits = self(x)
+        loss = nn.functional.cross_entropy(logits.float(), target)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
 
     def train_steps(self, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer,
-                    batch_size: int, lrs: Sequence[float] | None = None) -> torch.Tensor:
+                    batch_size: int, lrs: Sequence[float] | None = None, precision: str = "fp32") -> torch.Tensor:
         """Many training steps in one op: train_step on each consecutive batch of `batch_size` rows of x
         (the last batch shorter when batch_size does not divide len(x)), step s at learning rate lrs[s]
         (None: the optimizer's lr for every step). Same result as
@@ -138,8 +158,10 @@ class FusedMLP(nn.Sequential):
 
         but on the CPU without the Python, dispatch and allocation around each step (~10% of a
         784-128-64-10 step of batch 64). The optimizer's lr is left as it was. Every label is checked
-        before the first step. Returns the steps' losses, shape (steps,)."""
+        before the first step. Returns the steps' losses, shape (steps,). precision="bf16": train_step's
+        mixed precision, one step after another (not one op)."""
         kind = step_kind(optimizer, "FusedMLP.train_steps")
+        bf16 = _precision(precision, "FusedMLP.train_steps") == "bf16"
         self._check_input("train_steps", x)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"FusedMLP.train_steps: batch_size must be a positive int, got {batch_size!r}")
@@ -152,7 +174,24 @@ class FusedMLP(nn.Sequential):
         if len(lrs) != count:
             raise ValueError(
                 f"FusedMLP.train_steps: lrs must hold one learning rate per step ({count}), got {len(lrs)}")
+        if bf16:
+            return self._autocast_steps(x, target, optimizer, batch_size, lrs)
         return _without_grad(args.steps, x, target, batch_size, lrs)
+
+    def _autocast_steps(self, x, target, optimizer, batch_size, lrs):
+        if not ((target >= 0) & (target < self.sizes[-1])).all():  # as the fused op: before any step
+            raise ValueError(f"FusedMLP.train_steps: every target must be a class index in [0, {self.sizes[-1]})")
+        saved = [g["lr"] for g in optimizer.param_groups]
+        losses = []
+        try:
+            for s, (xb, yb) in enumerate(zip(x.split(batch_size), target.split(batch_size))):
+                for g in optimizer.param_groups:
+                    g["lr"] = lrs[s]
+                losses.append(self._autocast_step(xb, yb, optimizer))
+        finally:
+            for g, lr in zip(optimizer.param_groups, saved):
+                g["lr"] = lr
+        return torch.stack(losses)
 
     def _check_input(self, method, x):
         if x.dim() != 2 or x.shape[1] != self.sizes[0]:
@@ -176,6 +215,12 @@ class FusedMLP(nn.Sequential):
                 if src.bias is not None:
                     dst.bias.copy_(src.bias)
         return out
+
+
+def _precision(precision, where):
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"{where}: precision must be 'fp32' or 'bf16', got {precision!r}")
+    return precision
 
 
 def _without_grad(op, *args):

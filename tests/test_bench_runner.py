@@ -12,6 +12,7 @@ from torch import nn
 
 import fastmlp
 from fastmlp import bench
+from fastmlp.bench import layers as bench_layers
 from fastmlp.bench import training as bench_training
 from fastmlp.data import Split
 
@@ -147,6 +148,27 @@ def test_wrong_layer_variant_fails_the_run(tmp_path, monkeypatch, capsys, layer)
     assert f"FAILED: {SMALL}: fastmlp-bad" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("layer", [_WrongLayer, _IdleLayer, None], ids=["no-bias", "idle", "float32-layer"])
+def test_bf16_layer_case_checks_its_variants(tmp_path, monkeypatch, capsys, layer):
+    """bf16 cases: the right layer under autocast, PyTorch's in float32 and under autocast pass the
+    widened bounds; a wrong layer under autocast fails them."""
+    if layer is not None:
+        monkeypatch.setitem(bench.BF16_LAYER_VARIANTS, "fastmlp-bad",
+                            bench.Variant(lambda k, n: bench_layers._Autocast(layer(k, n)), ours=True))
+    status, doc = run_json(tmp_path, "bf16.json", cases="bf16/64x784x128/fwdbwd")
+    [r] = doc["results"]
+    assert r["kind"] == "bf16" and sorted(r["checks"]) == sorted(["fastmlp", "torch", "autocast"]
+                                                                 + ([] if layer is None else ["fastmlp-bad"]))
+    for name in ("fastmlp", "torch", "autocast"):
+        check_variant(r["variants"][name])
+    assert r["speedup"]["autocast"] > 0 and r["speedup"]["torch"] > 0
+    if layer is None:
+        assert status == 0
+    else:
+        assert status == 1 and r["variants"]["fastmlp-bad"]["status"] == "wrong"
+        assert "FAILED: bf16/64x784x128/fwdbwd: fastmlp-bad" in capsys.readouterr().out
+
+
 def test_check_layer_counts_mask_flips_apart_from_errors():
     torch.manual_seed(0)
     x, w, b, gy = torch.randn(8, 5), torch.randn(3, 5), torch.randn(3), torch.randn(8, 3)
@@ -259,6 +281,19 @@ def test_trainer_case_checks_and_times_the_trainer(tmp_path, monkeypatch):
     assert r["speedup"]["torch"] > 0
 
 
+def test_bf16_trainer_case(tmp_path, monkeypatch):
+    """trainer-bf16: --precision bf16 timed against the float32 torch trainer and checked against the
+    torch trainer under autocast, with the bf16 tolerances."""
+    monkeypatch.setattr(bench_training, "_splits", _small_splits)
+    status, doc = run_json(tmp_path, "trainer.json", cases="trainer-bf16/mnist")
+    assert status == 0
+    [r] = doc["results"]
+    assert r["kind"] == "trainer" and r["precision"] == "bf16" and r["ours"] == ["fastmlp"]
+    assert sorted(r["variants"]) == ["autocast", "fastmlp", "torch"]
+    assert all(v["status"] == "ok" for v in r["variants"].values())
+    assert r["speedup"]["torch"] > 0 and r["speedup"]["autocast"] > 0
+
+
 def test_inference_case(tmp_path, monkeypatch, capsys):
     status, doc = run_json(tmp_path, "infer.json", cases="infer/784-256-10/b1")
     assert status == 0
@@ -303,12 +338,14 @@ def test_threads_restored_and_models_match(tmp_path):
 
 def test_case_selection():
     ids = bench.all_case_ids()
-    assert len(ids) == len(bench.LAYER_SHAPES) * 3 + 4 * len(bench.MODELS) + len(bench.DATASETS)
-    assert bench.select_cases(["64x784x256/fwdbwd"]) == ["layer/64x784x256/fwdbwd"]
+    assert len(ids) == (len(bench.LAYER_SHAPES) + len(bench.BF16_LAYER_SHAPES)) * 3 + 4 * len(bench.MODELS) + 2 * len(
+        bench.DATASETS)
+    assert bench.select_cases(["64x784x256/fwdbwd"]) == ["layer/64x784x256/fwdbwd", "bf16/64x784x256/fwdbwd"]
+    assert bench.select_cases(["layer/64x784x256/fwdbwd"]) == ["layer/64x784x256/fwdbwd"]
     assert bench.select_cases(["layer/8192x784x256*"]) == [f"layer/8192x784x256/{p}" for p in bench.PASSES]
     quick = bench.select_cases(bench.QUICK_CASES)
     assert "layer/64x784x256/fwdbwd" in quick and "epoch/784-128-64-10" in quick and "trainer/mnist" in quick
-    assert "infer/784-128-64-10/b1" in quick
+    assert "infer/784-128-64-10/b1" in quick and "bf16/512x784x256/fwdbwd" in quick
     assert bench.main(["--cases", "no-such-case"]) == 2
     assert bench.select_cases(["layer/64x64x10/fwd"]) == ["layer/64x64x10/fwd"]
     assert bench.select_cases(["64x64x10/fwd"]) == ["layer/64x64x10/fwd", "layer/64x64x10/fwdbwd"]

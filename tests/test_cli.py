@@ -47,6 +47,7 @@ def test_metrics_schema(trained):
     for key, kind in expected.items():
         assert isinstance(m[key], kind), key
     assert (m["dataset"], m["backend"], m["device"], m["epochs"], m["seed"]) == ("mnist", "fused", "cpu", 2, 0)
+    assert m["precision"] == "fp32" == m["config"]["precision"]
     assert m["epochs_completed"] == 2 and m["train_size"] == 2000 and m["test_size"] == 10000
     assert 0.5 < m["final_test_accuracy"] <= 1 and m["train_seconds"] > 0
     assert [h["epoch"] for h in m["history"]] == [1, 2]
@@ -83,6 +84,15 @@ def test_epoch_lines(data_root, tmp_path, capsys):
         assert part in line
     assert "test_acc" in out
     assert "batch/s" not in err and "it/s" not in err  # no progress bar
+
+
+def test_bf16_run(data_root, tmp_path, capsys):
+    """--precision bf16 through the CLI: recorded in metrics.json and the run's line; learns."""
+    assert run_cli("train", "--dataset", "mnist", *QUICK, "--precision", "bf16", "--root", data_root,
+                   "--out", tmp_path / "o") == 0
+    assert "bf16 autocast" in capsys.readouterr().out
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["precision"] == "bf16" == m["config"]["precision"] and m["final_test_accuracy"] > 0.5
 
 
 def test_progress_bar(data_root, tmp_path, capsys):
@@ -141,6 +151,7 @@ BAD_ARGS = [
     ["--dataset", "cifar10"],
     ["--device", "tpu"],
     ["--backend", "jax"],
+    ["--precision", "fp16"],
     ["--seed", "-3"],
     ["--unknown-option"],
     ["--resume", "{tmp}/missing.pt"],

@@ -75,6 +75,34 @@ def test_low_precision_layers_match_nn_linear(low_isa, dtype, shape, relu, bias)
         assert_close_low(g, w, t, n)
 
 
+@pytest.fixture
+def vendor_gemm():
+    fastmlp.set_cpu_gemm("vendor")
+    yield
+    fastmlp.set_cpu_gemm("auto")
+
+
+@pytest.mark.skipif(fastmlp.backend("cpu") != "compiled", reason="needs the compiled extension")
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=lambda s: f"{'x'.join(map(str, s[0]))}-{s[1]}")
+@pytest.mark.parametrize("relu", [True, False], ids=["linear_relu", "linear"])
+def test_vendor_gemm_is_pytorchs_layer_bit_for_bit(vendor_gemm, dtype, shape, relu):
+    """With ATen's low-precision GEMM (FASTMLP_GEMM=vendor), output, input and weight gradients equal
+    nn.Linear + nn.ReLU's in that dtype bit for bit (fastmlp's ReLU + mask pass is exact); the bias
+    gradient, summed in float32 in another order, within its rounding."""
+    shape_in, fan_out = shape
+    torch.manual_seed(fan_out)
+    ours, ref = _pair(shape_in[-1], fan_out, True, relu, dtype)
+    x, gy = torch.randn(shape_in, dtype=dtype), torch.randn(*shape_in[:-1], fan_out, dtype=dtype)
+    got, want = _run(ours, x, gy), _run(ref, x, gy)
+    for g, w, n in zip(got[:3], want[:3], NAMES):
+        assert torch.equal(g, w), n
+    torch.testing.assert_close(got[3], want[3], rtol=2**-7, atol=1e-3)
+    x[0, :3] = float("nan")  # NaN stays NaN through the ReLU, as with torch.relu
+    with torch.no_grad():
+        assert torch.equal(ours(x).nan_to_num(7.0), ref(x).nan_to_num(7.0))
+
+
 @pytest.mark.parametrize("relu", [True, False], ids=["linear_relu", "linear"])
 def test_non_contiguous_bf16_input(low_isa, relu):
     torch.manual_seed(3)

@@ -76,7 +76,7 @@ def test_default_recipes_keep_the_course_setup():
 @pytest.mark.parametrize("change", [dict(epochs=0), dict(batch_size=-1), dict(lr=0.0), dict(lr=float("nan")),
                                     dict(optimizer="rmsprop"), dict(schedule="step"), dict(momentum=1.0),
                                     dict(dataset="cifar10"), dict(backend="jax"), dict(train_limit=0),
-                                    dict(dropout=1.0)])
+                                    dict(dropout=1.0), dict(precision="fp16")])
 def test_config_validation(change):
     with pytest.raises(ValueError, match=next(iter(change))):
         TrainConfig(**change).validate()
@@ -130,11 +130,11 @@ def test_short_run_loss_falls(dataset, min_acc, request):
     assert h[-1]["val_accuracy"] > min_acc
 
 
-def _losses_and_weights(backend, splits, steps=50, optimizer="sgd", fused_step=True):
+def _losses_and_weights(backend, splits, steps=50, optimizer="sgd", fused_step=True, precision="fp32"):
     cfg = default_config("mnist", backend=backend, epochs=1, train_limit=64 * steps, optimizer=optimizer,
-                         lr=0.05 if optimizer == "sgd" else 1e-3)
+                         lr=0.05 if optimizer == "sgd" else 1e-3, precision=precision)
     trainer = T.Trainer(cfg, {**splits, "train": splits["train"].subset(64 * steps)})
-    assert trainer.fused_step == (backend == "fused")
+    assert trainer.fused_step == (backend == "fused" and precision == "fp32")
     if not fused_step:
         trainer.strategy = T.AutogradSteps()
     losses = []
@@ -160,6 +160,21 @@ def test_fused_step_only_where_it_applies(mnist):
         return type(T.Trainer(default_config("mnist", **kw), mnist).strategy)
     assert uses() is T.ManyFusedSteps and uses(optimizer="adam") is T.ManyFusedSteps
     assert uses(backend="torch") is T.AutogradSteps and uses(dropout=0.1) is T.AutogradSteps
+    assert uses(precision="bf16") is T.AutogradSteps
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_bf16_trajectories_agree_with_pytorch_autocast(mnist, optimizer):
+    """--precision bf16: the fused layers under autocast against nn.Linear under autocast, 30 steps; and
+    both within bf16 reach of the float32 run (the loss falls alike)."""
+    loss_f, w_f = _losses_and_weights("fused", mnist, steps=30, optimizer=optimizer, precision="bf16")
+    loss_t, w_t = _losses_and_weights("torch", mnist, steps=30, optimizer=optimizer, precision="bf16")
+    loss_32, _ = _losses_and_weights("torch", mnist, steps=30, optimizer=optimizer)
+    torch.testing.assert_close(loss_f, loss_t, rtol=2e-2, atol=2e-3)
+    for k in w_f:
+        torch.testing.assert_close(w_f[k], w_t[k], rtol=5e-2, atol=2e-3, msg=k)
+    assert (loss_f - loss_32).abs().max() < 0.05 and loss_f[-5:].mean() < 0.9 * loss_f[:5].mean()
+    assert not torch.equal(loss_f, loss_32)  # it did run in bfloat16
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -240,12 +255,16 @@ def test_resume_rejects_a_different_recipe(mnist, tmp_path):
         T.train(T.replace_config(cfg, lr=0.5), data=mnist, resume=tmp_path / "checkpoint.pt")
 
 
-def test_resume_with_the_other_backend(mnist, tmp_path):
-    cfg = default_config("mnist", epochs=2, train_limit=640)
+def test_resume_with_the_other_backend_or_precision(mnist, tmp_path):
+    cfg = default_config("mnist", epochs=3, train_limit=640)
     T.train(cfg, data=mnist, out=tmp_path, stop_after=1, log=lambda line: None)
     r = T.train(T.replace_config(cfg, backend="torch"), data=mnist, resume=tmp_path / "checkpoint.pt",
-                log=lambda line: None)
+                stop_after=1, log=lambda line: None)
     assert r.metrics["backend"] == "torch" and r.metrics["epochs_completed"] == 2
+    r = T.train(T.replace_config(cfg, precision="bf16"), data=mnist, resume=tmp_path / "checkpoint.pt",
+                log=lambda line: None)
+    assert r.metrics["precision"] == "bf16" and r.metrics["config"]["precision"] == "bf16"
+    assert r.metrics["epochs_completed"] == 3
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -38,7 +39,7 @@ std::atomic<GemmMode>& mode_state() {
 }
 
 // (kind, dtype, floor(log2(batch)), the two other dimensions, threads, isa)
-using Key = std::tuple<int, int, int, int64_t, int64_t, int, std::string>;
+using Key = std::tuple<int, std::string, int, int64_t, int64_t, int, std::string>;
 std::mutex& choices_mutex() {
   static std::mutex mu;
   return mu;
@@ -111,38 +112,41 @@ std::vector<GemmChoice> gemm_choices() {
   return out;
 }
 
-template <typename T>
-void run_layer_gemm(const KernelTable<T>& k, const Gemm<T>& g, GemmKind kind) {
+void run_chosen(GemmKind kind, const char* dtype, int64_t rows, int64_t cols, int64_t inner, int64_t min_flops,
+                const std::function<void()>& ours, const std::function<void()>& theirs) {
   const GemmMode mode = gemm_mode();
-  if (mode == GemmMode::kFastmlp || g.mask_in != nullptr || g.update.kind != UpdateKind::kNone) return run_gemm(k, g);
-  if (mode == GemmMode::kVendor) return vendor_gemm(k, g);
-  if (2 * g.rows * g.cols * g.inner < kTuneFlops) return run_gemm(k, g);
+  if (mode == GemmMode::kFastmlp || (mode == GemmMode::kAuto && 2 * rows * cols * inner < min_flops)) return ours();
+  if (mode == GemmMode::kVendor) return theirs();
 
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const char* isa = active_kernels().isa;
   // The batch (rows, or inner for dW) by power-of-two bucket, the layer's widths exactly.
   const bool dw = kind == GemmKind::kGradWeight;
-  const Key key{int(kind), int(sizeof(T)), log2_floor(dw ? g.inner : g.rows), dw ? g.rows : g.cols,
-                dw ? g.cols : g.inner, threads, isa};
+  const Key key{int(kind), dtype, log2_floor(dw ? inner : rows), dw ? rows : cols, dw ? cols : inner, threads, isa};
   {
     const std::lock_guard<std::mutex> lock(choices_mutex());
     const auto it = choices().find(key);
-    if (it != choices().end()) return it->second.vendor ? vendor_gemm(k, g) : run_gemm(k, g);
+    if (it != choices().end()) return it->second.vendor ? theirs() : ours();
   }
-  // First time for this shape: both ways on the real operands, alternating (each run writes the
-  // same result into C, to rounding); the first round warms caches and is not counted.
-  double ours = 1e300, theirs = 1e300;
+  // First time for this shape: both ways, alternating; the first round warms caches and is not counted.
+  double t_ours = 1e300, t_theirs = 1e300;
   for (int round = 0; round < 4; ++round) {
-    const double a = time_us([&] { run_gemm(k, g); });
-    const double b = time_us([&] { vendor_gemm(k, g); });
-    if (round > 0) ours = std::min(ours, a), theirs = std::min(theirs, b);
+    const double a = time_us(ours);
+    const double b = time_us(theirs);
+    if (round > 0) t_ours = std::min(t_ours, a), t_theirs = std::min(t_theirs, b);
   }
-  // The hand-written kernel keeps shapes where the vendor GEMM is not clearly (3%) faster.
-  const bool vendor = theirs * 1.03 < ours;
-  if (!vendor) run_gemm(k, g);  // C from the way later calls take (the last run was the vendor's)
+  // fastmlp's way keeps shapes where the vendor GEMM is not clearly (3%) faster.
+  const bool vendor = t_theirs * 1.03 < t_ours;
+  if (!vendor) ours();  // the outputs from the way later calls take (the last run was the vendor's)
   const std::lock_guard<std::mutex> lock(choices_mutex());
-  choices().emplace(key, GemmChoice{kind_name(kind), sizeof(T) == 4 ? "float32" : "float64", isa, g.rows, g.cols,
-                                    g.inner, threads, ours, theirs, vendor});
+  choices().emplace(key, GemmChoice{kind_name(kind), dtype, isa, rows, cols, inner, threads, t_ours, t_theirs, vendor});
+}
+
+template <typename T>
+void run_layer_gemm(const KernelTable<T>& k, const Gemm<T>& g, GemmKind kind) {
+  if (g.mask_in != nullptr || g.update.kind != UpdateKind::kNone) return run_gemm(k, g);
+  run_chosen(kind, sizeof(T) == 4 ? "float32" : "float64", g.rows, g.cols, g.inner, kTuneFlops,
+             [&] { run_gemm(k, g); }, [&] { vendor_gemm(k, g); });
 }
 
 template void run_layer_gemm<float>(const KernelTable<float>&, const Gemm<float>&, GemmKind);

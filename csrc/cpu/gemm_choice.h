@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -32,7 +33,7 @@ inline constexpr int64_t kTuneFlops = int64_t(1) << 28;  // 2 * rows * cols * in
 
 // One tuned GEMM shape and what it measured.
 struct GemmChoice {
-  std::string kind, dtype, isa;
+  std::string kind, dtype, isa;  // isa: the CPU kernels ours() ran on
   int64_t rows, cols, inner;  // of the first problem of its batch bucket [2^k, 2^(k+1))
   int threads;
   double fastmlp_us, vendor_us;  // best of the timed runs
@@ -42,9 +43,17 @@ std::vector<GemmChoice> gemm_choices();
 
 enum class GemmKind : uint8_t { kForward, kGradInput, kGradWeight };
 
-// Computes g (a layer GEMM built by layer_forward / layer_grad_input / layer_grad_weight: no input
-// mask, no update) by the way the mode picks. Defined for float and double.
+// Computes g (a layer GEMM built by layer_forward / layer_grad_input / layer_grad_weight; one with
+// an input mask or an update always runs the hand-written kernel) by the way the mode picks.
+// Defined for float and double.
 template <typename T>
 void run_layer_gemm(const KernelTable<T>& k, const Gemm<T>& g, GemmKind kind);
+
+// The same choice for any pair of ways to compute one layer GEMM (C rows x cols, summed over inner)
+// of `dtype` ("float32", "bfloat16", ...): runs ours() or theirs() as the mode and the record say,
+// timing both (alternately, on their real operands) the first time "auto" meets a shape of at least
+// min_flops. Either must leave the same result (to rounding) in the caller's outputs.
+void run_chosen(GemmKind kind, const char* dtype, int64_t rows, int64_t cols, int64_t inner, int64_t min_flops,
+                const std::function<void()>& ours, const std::function<void()>& theirs);
 
 }  // namespace fastmlp::cpu

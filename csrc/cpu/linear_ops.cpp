@@ -7,10 +7,10 @@
 #include <algorithm>
 #include <array>
 
-#include "amx_ops.h"
 #include "checks.h"
 #include "gemm_choice.h"
 #include "kernels.h"
+#include "layer_ops.h"
 #include "runner.h"
 
 namespace fastmlp::cpu {
@@ -23,17 +23,6 @@ constexpr DtypeRule kDtypes{[](at::ScalarType t) {
                               return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
                             },
                             "float32, float64, bfloat16 or float16 on the CPU"};
-
-// bfloat16 / float16: PyTorch's low-precision linear on the CPU (low-precision operands, float32
-// sums, each output rounded once). bfloat16 runs on AMX tiles when the active kernels have them
-// (amx_ops.h); otherwise the operands are widened to float32, which is exact, the float32 kernels
-// run and their outputs are rounded. The ReLU mask is then that of the float32 sum, which equals
-// the rounded output's sign except for sums below the smallest subnormal of the low-precision type.
-bool low_precision(const Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
-Tensor wide(const Tensor& t) { return t.to(at::kFloat); }
-std::optional<Tensor> wide(const std::optional<Tensor>& t) {
-  return t.has_value() ? std::optional<Tensor>(wide(*t)) : std::nullopt;
-}
 
 Tensor unused(const Tensor& like) { return at::empty({0}, like.options()); }
 
@@ -83,27 +72,15 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& gy_, const Tensor& x_,
   return {gx, gw, gb};
 }
 
+bool low_precision(const Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
+
 std::tuple<Tensor, Tensor> any_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu) {
-  if (x.scalar_type() == at::kDouble) return forward<double>(x, w, b, relu);
-  if (!low_precision(x)) return forward<float>(x, w, b, relu);
-  if (const AmxKernels* amx = active_kernels().amx; amx && x.scalar_type() == at::kBFloat16) {
-    Tensor mask = relu ? at::empty({x.size(0), div_up(w.size(0), 8)}, x.options().dtype(at::kByte)) : Tensor();
-    Tensor y = amx_linear(*amx, x.contiguous(), w.contiguous(), b, relu, relu ? mask.mutable_data_ptr<uint8_t>() : nullptr);
-    return {y, mask};
-  }
-  auto [y, mask] = forward<float>(wide(x), wide(w), wide(b), relu);
-  return {y.to(x.scalar_type()), mask};
+  return low_precision(x) ? low_precision_forward(x, w, b, relu) : float_forward(x, w, b, relu);
 }
 
 std::tuple<Tensor, Tensor, Tensor> any_backward(const Tensor& gy, const Tensor& x, const Tensor& w,
                                                 const Tensor* mask, std::array<bool, 3> needs) {
-  if (x.scalar_type() == at::kDouble) return backward<double>(gy, x, w, mask, needs);
-  if (!low_precision(x)) return backward<float>(gy, x, w, mask, needs);
-  if (const AmxKernels* amx = active_kernels().amx; amx && x.scalar_type() == at::kBFloat16)
-    return amx_linear_backward(*amx, gy, x.contiguous(), w.contiguous(), mask, needs);
-  auto [gx, gw, gb] = backward<float>(wide(gy), wide(x), wide(w), mask, needs);
-  const auto t = x.scalar_type();
-  return {gx.to(t), gw.to(t), gb.to(t)};
+  return low_precision(x) ? low_precision_backward(gy, x, w, mask, needs) : float_backward(gy, x, w, mask, needs);
 }
 
 std::tuple<Tensor, Tensor> linear_relu_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
@@ -132,6 +109,16 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& gy, const Tensor& x,
 }
 
 }  // namespace
+
+std::tuple<Tensor, Tensor> float_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu) {
+  return x.scalar_type() == at::kDouble ? forward<double>(x, w, b, relu) : forward<float>(x, w, b, relu);
+}
+
+std::tuple<Tensor, Tensor, Tensor> float_backward(const Tensor& gy, const Tensor& x, const Tensor& w,
+                                                  const Tensor* mask, std::array<bool, 3> needs) {
+  return x.scalar_type() == at::kDouble ? backward<double>(gy, x, w, mask, needs)
+                                        : backward<float>(gy, x, w, mask, needs);
+}
 
 TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
   m.impl("linear_relu_fwd", &linear_relu_fwd);

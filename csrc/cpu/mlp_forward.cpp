@@ -8,10 +8,10 @@
 #include <algorithm>
 #include <vector>
 
-#include "amx_ops.h"
 #include "checks.h"
 #include "gemm_choice.h"
 #include "kernels.h"
+#include "layer_ops.h"
 #include "runner.h"
 
 namespace fastmlp::cpu {
@@ -63,21 +63,12 @@ Tensor mlp_forward(const Tensor& x, at::TensorList weights, at::TensorList biase
   const Tensor x2 = x.reshape({M, K}).contiguous();
   if (x.scalar_type() == at::kDouble) return forward<double>(x2, weights, biases, relu_last, out_shape);
   if (x.scalar_type() == at::kFloat) return forward<float>(x2, weights, biases, relu_last, out_shape);
-  // bfloat16 / float16: layer by layer, as the layer ops do it (linear_ops.cpp): operands widened to
-  // float32, float32 sums, each layer's output rounded to x's dtype before the next layer reads it.
+  // bfloat16 / float16: layer by layer, as the layer ops compute them (low_precision.cpp), each
+  // layer's output rounded to x's dtype before the next layer reads it; no masks.
   Tensor h = x2;
-  if (const AmxKernels* amx = active_kernels().amx; amx && x.scalar_type() == at::kBFloat16) {
-    for (size_t l = 0; l < weights.size(); ++l) {
-      const std::optional<Tensor> b = biases.empty() ? std::nullopt : std::optional<Tensor>(biases[l]);
-      h = amx_linear(*amx, h, weights[l].contiguous(), b, l + 1 < weights.size() || relu_last, nullptr);
-    }
-    return h.reshape(out_shape);
-  }
   for (size_t l = 0; l < weights.size(); ++l) {
-    const std::vector<Tensor> w{weights[l].to(at::kFloat)};
-    const std::vector<Tensor> b = biases.empty() ? std::vector<Tensor>{} : std::vector<Tensor>{biases[l].to(at::kFloat)};
-    const bool relu = l + 1 < weights.size() || relu_last;
-    h = forward<float>(h.to(at::kFloat), w, b, relu, {M, weights[l].size(0)}).to(x.scalar_type());
+    const std::optional<Tensor> b = biases.empty() ? std::nullopt : std::optional<Tensor>(biases[l]);
+    h = std::get<0>(low_precision_forward(h, weights[l], b, l + 1 < weights.size() || relu_last, false));
   }
   return h.reshape(out_shape);
 }

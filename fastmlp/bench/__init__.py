@@ -10,10 +10,11 @@ The same code serves `pytest benchmarks/`. The modules, in the order a run uses 
 
     cases     what is benchmarked: layer shapes, models, datasets, case ids and selection
     variants  a variant (how to build it; fastmlp's own or a baseline)
-    layers    layer cases: FusedLinearReLU vs nn.Linear + nn.ReLU, forward / backward / both
+    layers    layer cases: FusedLinearReLU vs nn.Linear + nn.ReLU, forward / backward / both, in float32
+              and under torch.autocast(bfloat16)
     inference infer cases: a whole MLP's forward under inference_mode, FusedMLP vs the plain model
     training  step and epoch cases (step variants on random data) and trainer cases (`fastmlp train`'s
-              Trainer, fused vs --backend torch)
+              Trainer, fused vs --backend torch; with --precision bf16 also vs torch under autocast)
     verify    the checks every variant passes before it is timed (a variant that fails is reported
               FAILED with what differed, gets no ratio, and the run exits 1)
     timing    per-iteration samplers, interleaved rounds, statistics
@@ -29,12 +30,12 @@ each iteration's forward run untimed before it. torch.compile uses the default m
 Targets are not part of this package: they live in BENCHMARKS.md.
 """
 
-from .cases import (BASELINES, BATCH, DATASETS, GEMMS_PER_PASS, LAYER_SHAPES, MODELS, PASSES, QUICK_CASES, SGD,
-                    all_case_ids, layer_id, select_cases)
+from .cases import (BASELINES, BATCH, BF16_LAYER_SHAPES, DATASETS, GEMMS_PER_PASS, LAYER_SHAPES, MODELS, PASSES,
+                    QUICK_CASES, SGD, all_case_ids, layer_id, select_cases)
 from .cli import SCHEMA, main, settings_record, show, write_json
 from .compare import compare
 from .inference import INFER_VARIANTS, InferenceCase
-from .layers import LAYER_VARIANTS, LayerCase
+from .layers import BF16_LAYER_VARIANTS, LAYER_VARIANTS, Bf16LayerCase, LayerCase
 from .machine import LoadMonitor, cpu_model, machine_info, measure_peak, other_cpu_load
 from .report import format_machine, format_notes, format_tables, is_ours, wrong_variants
 from .runner import Runner, Settings, measure
@@ -45,7 +46,7 @@ from .variants import Variant, error_text
 from .verify import check_epoch, check_layer, check_output, check_training
 
 __all__ = [
-    "BASELINES", "BATCH", "DATASETS", "EpochPlan", "GEMMS_PER_PASS", "INFER_VARIANTS", "InferenceCase",
+    "BASELINES", "BATCH", "BF16_LAYER_SHAPES", "BF16_LAYER_VARIANTS", "Bf16LayerCase", "DATASETS", "EpochPlan", "GEMMS_PER_PASS", "INFER_VARIANTS", "InferenceCase",
     "LAYER_SHAPES", "LAYER_VARIANTS", "LayerCase", "LoadMonitor", "MODELS", "PASSES", "QUICK_CASES", "Runner",
     "SCHEMA", "SGD", "STEP_VARIANTS", "Settings", "Stepper", "TIMERS", "TRAINER_VARIANTS", "TrainCase",
     "TrainerCase", "Variant", "all_case_ids", "calibrate", "check_epoch", "check_layer", "check_output",

@@ -19,12 +19,12 @@ import torch
 from .cases import QUICK_CASES, all_case_ids, select_cases
 from .compare import compare
 from .inference import INFER_VARIANTS
-from .layers import LAYER_VARIANTS
+from .layers import BF16_LAYER_VARIANTS, LAYER_VARIANTS
 from .machine import machine_info, measure_peak
 from .report import fmt_time, format_gemm_choices, format_machine, format_notes, format_tables, wrong_variants
 from .runner import Runner, Settings
 from .timing import TIMERS
-from .training import STEP_VARIANTS
+from .training import STEP_VARIANTS, TRAINER_VARIANTS
 from .variants import configure_dynamo, error_text
 
 SCHEMA = "fastmlp-bench/2"  # 2: per-variant checks ("wrong" status), "ours", trainer cases, no targets
@@ -61,7 +61,7 @@ def _parser(prog):
     p.add_argument("--epoch-steps", type=int, help="time this many steps per epoch and extrapolate to 938")
     p.add_argument("--epoch-budget", type=float, help="seconds an epoch case may take before it is extrapolated from "
                    "fewer steps (default 45 quick, 150 full; 0: never)")
-    p.add_argument("--variants", help="comma-separated subset of variants (fastmlp,torch,compile)")
+    p.add_argument("--variants", help="comma-separated subset of variants (fastmlp,torch,compile,autocast,...)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--no-peak", action="store_true", help="skip the peak GEMM measurement")
     p.add_argument("--data", metavar="ROOT", help="trainer cases: the root holding MNIST/raw and FashionMNIST/raw "
@@ -110,7 +110,8 @@ def _settings(args, mode) -> Settings:
     if args.variants:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.no_compile:
-        every = dict.fromkeys([*LAYER_VARIANTS, *STEP_VARIANTS, *INFER_VARIANTS])
+        every = dict.fromkeys([*LAYER_VARIANTS, *BF16_LAYER_VARIANTS, *STEP_VARIANTS, *INFER_VARIANTS,
+                               *(v for registry in TRAINER_VARIANTS.values() for v in registry)])
         variants = [v for v in (variants or every) if v != "compile"]
     rounds = args.repeat or (60 if mode == "full" else 30)
     return Settings(

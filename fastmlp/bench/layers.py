@@ -1,5 +1,7 @@
 """Layer cases: one FusedLinearReLU against nn.Linear + nn.ReLU (eager and torch.compile), forward,
-backward and both, every variant built with the same weights and fed the same x and dY."""
+backward and both, every variant built with the same weights and fed the same x and dY; and the
+same under torch.autocast(bfloat16) (bf16 cases: FusedLinearReLU under autocast against PyTorch's
+float32 layer and PyTorch's layer under autocast)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,29 @@ LAYER_VARIANTS: dict[str, Variant] = {
     "torch": Variant(_torch, ours=False, about="nn.Linear + nn.ReLU, eager"),
     "compile": Variant(_compile, ours=False, about="nn.Linear + nn.ReLU under torch.compile"),
 }
+
+
+class _Autocast(nn.Module):
+    """`mod` run under torch.autocast("cpu", bfloat16): float32 parameters, bfloat16 GEMMs."""
+
+    def __init__(self, mod):
+        super().__init__()
+        self.mod = mod
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.mod(x)
+
+
+# The bf16 cases' variants: ours under autocast, PyTorch's float32 layer ("torch", the layer ours
+# replaces) and PyTorch's layer under autocast.
+BF16_LAYER_VARIANTS: dict[str, Variant] = {
+    "fastmlp": Variant(lambda k, n: _Autocast(_fastmlp(k, n)), ours=True, about="FusedLinearReLU under autocast bf16"),
+    "torch": Variant(_torch, ours=False, about="nn.Linear + nn.ReLU, float32, eager"),
+    "autocast": Variant(lambda k, n: _Autocast(_torch(k, n)), ours=False,
+                        about="nn.Linear + nn.ReLU under autocast bf16, eager"),
+}
+BF16_UNIT_ROUNDOFF = 2.0**-8
 
 
 def layer_params(mod):
@@ -86,10 +111,13 @@ class LayerCase:
             else:
                 self.wrong[name] = f"{check.errors} wrong elements: {check.worst}"
 
+    # The unit roundoff the variants' operands and outputs may be rounded to (check_layer's `low`).
+    low = 0.0
+
     def check(self, mod):
         y = mod(self.x)
-        grads = torch.autograd.grad(y, [self.x, *layer_params(mod)], self.gy)
-        return check_layer(self.x, self.weight, self.bias, self.gy, y, *grads)
+        grads = torch.autograd.grad(y, [self.x, *layer_params(mod)], self.gy.to(y.dtype))
+        return check_layer(self.x, self.weight, self.bias, self.gy, y.float(), *grads, low=self.low)
 
     def flops(self, pass_):
         m, k, n = self.shape
@@ -139,3 +167,25 @@ class LayerCase:
             raise ValueError(f"unknown pass {pass_!r}")
         return run
 
+
+
+class Bf16LayerCase(LayerCase):
+    """A layer under torch.autocast(bfloat16): the variants of BF16_LAYER_VARIANTS, each checked like
+    a float32 layer but with bounds widened for operands and outputs rounded to bfloat16."""
+
+    low = BF16_UNIT_ROUNDOFF
+
+    def __init__(self, shape, variants=None, seed=0):
+        super().__init__(shape, variants, seed, registry=BF16_LAYER_VARIANTS)
+
+    def _sampler(self, mod, pass_, clock: Clock) -> Sampler:
+        if pass_ == "fwd":
+            return super()._sampler(mod, pass_, clock)
+        # The incoming gradient in the output's dtype, as autograd hands it to a bfloat16 output.
+        with torch.no_grad():
+            gy = self.gy.to(mod(self.x).dtype)
+        saved, self.gy = self.gy, gy
+        try:
+            return super()._sampler(mod, pass_, clock)
+        finally:
+            self.gy = saved

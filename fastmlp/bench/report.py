@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from .cases import BASELINES
 
 
 def fmt_time(seconds):
@@ -34,7 +35,7 @@ def _variant_names(results):
         for v in r["variants"]:
             if v not in names:
                 names.append(v)
-    order = {"fastmlp": 0, "torch": 2, "compile": 3}
+    order = {"fastmlp": 0, "torch": 2, "compile": 3, "autocast": 3}
 
     def ours(v):
         return any(is_ours(r, v) for r in results)
@@ -52,14 +53,19 @@ def markdown(headers, rows):
 
 TITLES = {
     "layer": "Layers: FusedLinearReLU vs nn.Linear+nn.ReLU",
+    "bf16": "Layers under torch.autocast(bfloat16): FusedLinearReLU vs nn.Linear+nn.ReLU in float32 and under autocast",
     "train": "Training on random data (batch 64, SGD momentum 0.9)",
     "trainer": "Trainer epochs (`fastmlp train`'s own loop, default recipe), fused vs --backend torch",
+    "trainer-bf16": "Trainer epochs with --precision bf16 (fastmlp), vs --backend torch in float32 and with "
+                    "--precision bf16 (autocast)",
     "infer": "Inference (eval, torch.inference_mode()): FusedMLP vs the plain model",
 }
 
 
 def _group(r):
-    return r["kind"] if r["kind"] in ("layer", "trainer", "infer") else "train"
+    if r["kind"] == "trainer" and r.get("precision") == "bf16":
+        return "trainer-bf16"
+    return r["kind"] if r["kind"] in ("layer", "bf16", "trainer", "infer") else "train"
 
 
 def format_tables(results, peak=None, threads=None) -> str:
@@ -84,9 +90,9 @@ def format_tables(results, peak=None, threads=None) -> str:
                 headers.append("fastmlp % peak")
         ours = [v for v in names if any(is_ours(r, v) for r in rows_in)]
         headers += [f"{v} x vs torch" for v in ours]
-        if "compile" in names and "fastmlp" in names:
-            headers.append("fastmlp x vs compile")
-        if group == "layer":
+        others = [b for b in BASELINES if b != "torch" and b in names and "fastmlp" in names]
+        headers += [f"fastmlp x vs {b}" for b in others]
+        if group in ("layer", "bf16"):
             headers.append("mask flips")
         rows = []
         for r in rows_in:
@@ -101,9 +107,8 @@ def format_tables(results, peak=None, threads=None) -> str:
                 if peak_gf:
                     row.append(f"{100 * vs['fastmlp']['gflops'] / peak_gf:.0f}%" if ok("fastmlp") else "n/a")
             row += [fmt_x(r.get("speedup_vs_torch", {}).get(v)) for v in ours]
-            if "compile" in names and "fastmlp" in names:
-                row.append(fmt_x(r["speedup"].get("compile")))
-            if group == "layer":
+            row += [fmt_x(r["speedup"].get(b)) for b in others]
+            if group in ("layer", "bf16"):
                 checks = r.get("checks", {})
                 row.append(", ".join(f"{v} {c['mask_flips']}" for v, c in checks.items() if c.get("mask_flips")) or "0")
             rows.append(row)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from .cases import BASELINES, BATCH, SGD
 from .inference import INFER_VARIANTS, InferenceCase
-from .layers import LAYER_VARIANTS, LayerCase
+from .layers import BF16_LAYER_VARIANTS, LAYER_VARIANTS, Bf16LayerCase, LayerCase
 from .machine import LoadMonitor
 from .timing import TIMERS, calibrate, interleave, summarize
 from .training import STEP_VARIANTS, TrainCase, TrainerCase
@@ -53,11 +53,16 @@ class Runner:
     def clock(self):
         return TIMERS[self.settings.timer]
 
-    def layer_case(self, shape) -> LayerCase:
-        if self._layer is None or self._layer[0] != tuple(shape):
+    def layer_case(self, shape, bf16=False) -> LayerCase:
+        key = (tuple(shape), bf16)
+        if self._layer is None or self._layer[0] != key:
             self._layer = None
             gc.collect()
-            self._layer = (tuple(shape), LayerCase(shape, _filter_variants(LAYER_VARIANTS, self.settings.variants)))
+            if bf16:
+                case = Bf16LayerCase(shape, _filter_variants(BF16_LAYER_VARIANTS, self.settings.variants))
+            else:
+                case = LayerCase(shape, _filter_variants(LAYER_VARIANTS, self.settings.variants))
+            self._layer = (key, case)
         return self._layer[1]
 
     def train_case(self, name) -> TrainCase:
@@ -76,24 +81,24 @@ class Runner:
 
     def run(self, case_id: str) -> dict:
         kind, _, rest = case_id.partition("/")
-        if kind == "layer":
-            return self._run_layer(case_id, rest)
+        if kind in ("layer", "bf16"):
+            return self._run_layer(case_id, rest, bf16=kind == "bf16")
         if kind in ("step", "epoch"):
             return self._run_training(case_id, kind, rest)
-        if kind == "trainer":
-            return self._run_trainer(case_id, rest)
+        if kind in ("trainer", "trainer-bf16"):
+            return self._run_trainer(case_id, rest, "bf16" if kind == "trainer-bf16" else "fp32")
         if kind == "infer":
             return self._run_inference(case_id, rest)
         raise ValueError(f"unknown case {case_id!r}")
 
-    def _run_layer(self, case_id, rest):
+    def _run_layer(self, case_id, rest, bf16=False):
         s = self.settings
         dims, pass_ = rest.split("/")
         shape = tuple(int(v) for v in dims.split("x"))
-        case = self.layer_case(shape)
+        case = self.layer_case(shape, bf16)
         samplers = {name: case.sampler(name, pass_, self.clock) for name in case.modules}
         info = {"shape": {"batch": shape[0], "in": shape[1], "out": shape[2]}, "pass": pass_, "checks": case.checks}
-        return measure(case_id, "layer", samplers, case, case.flops(pass_), s.rounds, s.chunk_s,
+        return measure(case_id, "bf16" if bf16 else "layer", samplers, case, case.flops(pass_), s.rounds, s.chunk_s,
                        (s.warmup_rounds, s.warmup_s), info)
 
     def _run_training(self, case_id, kind, rest):
@@ -130,11 +135,11 @@ class Runner:
         return measure(case_id, "infer", samplers, case, case.flops(), s.rounds, s.chunk_s,
                        (s.warmup_rounds, s.warmup_s), info)
 
-    def _run_trainer(self, case_id, dataset):
+    def _run_trainer(self, case_id, dataset, precision):
         s = self.settings
-        case = TrainerCase(dataset, s.data_root, s.variants)
+        case = TrainerCase(dataset, s.data_root, s.variants, precision)
         samplers = {name: case.sampler(name) for name in case.trainers}
-        info = {"dataset": dataset, "data": case.data, "recipe": "fastmlp.train.default_config",
+        info = {"dataset": dataset, "data": case.data, "recipe": "fastmlp.train.default_config", "precision": precision,
                 "steps_per_epoch": next(iter(case.trainers.values())).steps_per_epoch if case.trainers else None}
         # One epoch of warm-up, then epoch_rounds epochs per variant, taking turns.
         return measure(case_id, "trainer", samplers, case, None, s.epoch_rounds, None, (1, 0.0), info,

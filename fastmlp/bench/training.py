@@ -20,7 +20,7 @@ from torch import nn
 from .cases import BATCH, EPOCH_SAMPLES, IN_FEATURES, MODELS, NUM_CLASSES, SGD
 from .timing import Clock, Sampler
 from .variants import Variant, compile_fn, error_text, reset_dynamo
-from .verify import check_epoch, check_training
+from .verify import LOSS_TOL, LOSS_TOL_BF16, UPDATE_TOL, UPDATE_TOL_BF16, check_epoch, check_training
 
 
 @dataclass
@@ -265,7 +265,14 @@ class TrainCase:
 
 # ---- trainer epochs --------------------------------------------------------------------------------
 
-TRAINER_VARIANTS = {"fastmlp": "fused", "torch": "torch"}  # variant -> TrainConfig.backend
+# variant -> (TrainConfig.backend, TrainConfig.precision), per case precision. The bf16 cases time
+# --precision bf16 against the float32 torch trainer (the headline ratio) and the torch trainer with
+# --precision bf16 ("autocast"), against which they are checked.
+TRAINER_VARIANTS = {
+    "fp32": {"fastmlp": ("fused", "fp32"), "torch": ("torch", "fp32")},
+    "bf16": {"fastmlp": ("fused", "bf16"), "torch": ("torch", "fp32"), "autocast": ("torch", "bf16")},
+}
+TRAINER_REFERENCE = {"fp32": "torch", "bf16": "autocast"}
 TRAINER_OURS = {"fastmlp"}
 # The strict check runs this many samples (40 batches and half of one, over two of the trainer's
 # gathered chunks) step by step against the torch trainer before the timed epochs.
@@ -292,26 +299,31 @@ def _splits(dataset, root):
 
 class TrainerCase:
     """Whole epochs of fastmlp.train.Trainer (what `fastmlp train` runs), --backend fused against
-    torch, from the same seed on the same data, each epoch checked against the torch trainer's."""
+    torch, from the same seed on the same data, each epoch checked against the reference trainer's
+    (TRAINER_REFERENCE: the torch trainer in the same precision)."""
 
-    def __init__(self, dataset, root=None, variants=None):
+    def __init__(self, dataset, root=None, variants=None, precision="fp32"):
         from fastmlp.training import Trainer, default_config
 
         self.dataset = dataset
         self.splits, self.data = _splits(dataset, root)
-        names = [v for v in TRAINER_VARIANTS if not variants or v in variants]
+        registry = TRAINER_VARIANTS[precision]
+        self.reference = TRAINER_REFERENCE[precision]
+        self.tolerances = (LOSS_TOL_BF16, UPDATE_TOL_BF16) if precision == "bf16" else (LOSS_TOL, UPDATE_TOL)
+        names = [v for v in registry if not variants or v in variants]
         self.ours = {v for v in names if v in TRAINER_OURS}
         self.errors: dict[str, str] = {}
         self.wrong: dict[str, str] = {}
         self.trainers = {}
         self.history: dict[str, list] = {}
-        # The strict check: a short run, step by step, against the torch trainer (run for the check
+        # The strict check: a short run, step by step, against the reference trainer (run for the check
         # even when it is not among the variants timed).
         short = {k: (v.subset(TRAINER_CHECK_SAMPLES) if k == "train" else v) for k, v in self.splits.items()}
         runs = {}
-        for name in ["torch"] + [v for v in names if v != "torch"]:
+        for name in [self.reference] + [v for v in names if v != self.reference]:
             try:
-                config = default_config(dataset, backend=TRAINER_VARIANTS[name])
+                backend, precision_ = registry[name]
+                config = default_config(dataset, backend=backend, precision=precision_)
                 trainer = Trainer(config, short)
                 start = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
                 losses = []
@@ -323,10 +335,10 @@ class TrainerCase:
             except Exception as e:  # noqa: BLE001 - reported as n/a
                 if name in names:
                     self.errors[name] = error_text(e)
-        ref = runs.get("torch")
-        for name in list(self.trainers):
-            problems = ["not checked: the torch reference failed"] if ref is None else \
-                check_training(ref[0], ref[1], ref[2], *runs[name][1:])
+        ref = runs.get(self.reference)
+        for name in [v for v in self.trainers if v not in ("torch", self.reference)]:
+            problems = [f"not checked: the {self.reference} reference failed"] if ref is None else \
+                check_training(ref[0], ref[1], ref[2], *runs[name][1:], *self.tolerances)
             if problems:
                 self.wrong[name] = "; ".join(problems)
                 self.trainers.pop(name)
@@ -347,13 +359,13 @@ class TrainerCase:
         return run
 
     def check_epochs(self):
-        """After the timed epochs: each variant's epochs against the torch trainer's (same learning
+        """After the timed epochs: each variant's epochs against the reference trainer's (same learning
         outcome); a variant that differs moves to .wrong."""
-        ref = self.history.get("torch")
+        ref = self.history.get(self.reference)
         if ref is None:
             return
         for name, hist in self.history.items():
-            if name == "torch" or name not in self.trainers:
+            if name in ("torch", self.reference) or name not in self.trainers:
                 continue
             problems = [p for a, b in zip(hist, ref) for p in check_epoch(a, b)]
             if len(hist) != len(ref):

@@ -20,8 +20,8 @@ The package, in the order a run uses it:
     run          train() and evaluate_checkpoint(), what `fastmlp train` / `evaluate` call
 """
 
-from .config import (OPTIMIZERS, RECIPES, RESUME_MAY_CHANGE, SCHEDULES, TrainConfig, default_config, replace_config,
-                     resume_conflicts)
+from .config import (OPTIMIZERS, PRECISIONS, RECIPES, RESUME_MAY_CHANGE, SCHEDULES, TrainConfig, default_config,
+                     replace_config, resume_conflicts)
 from .evaluation import confusion_matrix, evaluate, evaluate_with_confusion, per_class_accuracy
 from .files import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, CheckpointError, atomic_write,
                     load_checkpoint, model_from_checkpoint, save_checkpoint, write_json)
@@ -31,8 +31,8 @@ from .strategies import AutogradSteps, FusedSteps, GraphSteps, ManyFusedSteps, c
 from .trainer import Trainer, kernels
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "OPTIMIZERS", "RECIPES", "RESUME_MAY_CHANGE",
-    "SCHEDULES", "AutogradSteps", "CheckpointError", "FusedSteps", "GraphSteps", "ManyFusedSteps", "TrainConfig",
+    "CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "OPTIMIZERS", "PRECISIONS", "RECIPES",
+    "RESUME_MAY_CHANGE", "SCHEDULES", "AutogradSteps", "CheckpointError", "FusedSteps", "GraphSteps", "ManyFusedSteps", "TrainConfig",
     "TrainResult", "Trainer", "atomic_write", "choose_strategy", "confusion_matrix", "default_config", "describe",
     "evaluate", "evaluate_checkpoint", "evaluate_with_confusion", "format_epoch", "kernels", "load_checkpoint", "model_from_checkpoint",
     "new_figure", "per_class_accuracy", "plot_confusion", "plot_curves", "replace_config", "resume_conflicts",

@@ -7,6 +7,7 @@ from ..data import DATASETS
 from ..models import BACKENDS
 
 OPTIMIZERS = ("sgd", "adam")
+PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "none")
 
 
@@ -16,6 +17,7 @@ class TrainConfig:
 
     dataset: str = "mnist"
     backend: str = "fused"  # "fused" (fastmlp kernels) or "torch" (nn.Linear/nn.ReLU)
+    precision: str = "fp32"  # "bf16": the model under torch.autocast(bfloat16), float32 weights and loss
     epochs: int = 30
     batch_size: int = 64  # the global batch: split across processes under torchrun
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adam"
@@ -36,6 +38,8 @@ class TrainConfig:
             bad("dataset", f"must be one of {', '.join(DATASETS)}")
         if self.backend not in BACKENDS:
             bad("backend", f"must be one of {', '.join(BACKENDS)}")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"must be one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -75,8 +79,9 @@ def default_config(dataset: str = "mnist", **overrides) -> TrainConfig:
     return TrainConfig(dataset=dataset, **{**RECIPES[dataset], **overrides}).validate()
 
 
-# Fields a resumed run may change: they do not alter the weights (epochs only extends the run).
-RESUME_MAY_CHANGE = ("epochs", "backend")
+# Fields a resumed run may change: they compute the same model another way (backend, precision) or
+# only extend the run (epochs).
+RESUME_MAY_CHANGE = ("epochs", "backend", "precision")
 
 
 def resume_conflicts(config: TrainConfig, saved: dict) -> list[str]:

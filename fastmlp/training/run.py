@@ -59,6 +59,7 @@ def describe(trainer: "Trainer", resumed: bool = False) -> str:
     recipe += (f" weight_decay {c.weight_decay:g}" if c.weight_decay else "")
     recipe += (f" dropout {c.dropout:g}" if c.dropout else "") + f", {c.schedule} schedule"
     where = f"{trainer.device}" + (f" x{trainer.world} processes" if trainer.world > 1 else "")
+    serving += ", bf16 autocast" if c.precision == "bf16" else ""
     return (f"{c.dataset} {'-'.join(map(str, SIZES[c.dataset]))} ({c.backend}: {serving}) on {where}; {recipe}; "
             f"{c.epochs} epochs of {trainer.steps_per_epoch} steps, batch {c.batch_size}; seed {c.seed}; "
             f"{len(s['train'])} train / {len(s['val'])} val / {len(s['test'])} test images"
@@ -72,6 +73,7 @@ def run_metrics(trainer: "Trainer", test: dict | None = None) -> dict:
     return {
         "dataset": c.dataset,
         "backend": c.backend,
+        "precision": c.precision,
         "device": str(trainer.device),
         "kernels": kernels(trainer.device) if c.backend == "fused" else "torch",
         "fused_step": trainer.fused_step,

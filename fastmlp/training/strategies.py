@@ -6,7 +6,8 @@
     GraphSteps      a GPU with fastmlp's CUDA kernels, same conditions: the whole-step op captured in a
                     CUDA graph (CUDAGraphStep), replayed per batch
     FusedSteps      the whole-step op (FusedMLP.train_step) called per batch: elsewhere, same conditions
-    AutogradSteps   forward, loss, backward and optimizer.step(): plain models, dropout, DDP
+    AutogradSteps   forward, loss, backward and optimizer.step(): plain models, dropout, DDP, and
+                    --precision bf16 (the forward under torch.autocast, loss in float32)
 
 Every strategy takes the same steps in the same order with the same learning rates; the fused ones
 give autograd's result within float32 rounding, and ManyFusedSteps bit for bit FusedSteps'.
@@ -90,7 +91,9 @@ class AutogradSteps(_PerBatch):
 
     def step(self, trainer, x, y, n_global):
         trainer.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(trainer.net(x), y, reduction="sum")
+        with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.config.precision == "bf16"):
+            logits = trainer.net(x)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
         # Mean over the global batch: DDP averages the gradients of the `world` processes.
         (loss * (trainer.world / n_global)).backward()
         trainer.optimizer.step()
@@ -99,8 +102,8 @@ class AutogradSteps(_PerBatch):
 
 def choose_strategy(model, config, device, world) -> type:
     """The strategy class for a run (see the module docstring). The whole step as one op applies to a
-    FusedMLP without dropout in one process."""
-    if not (hasattr(model, "train_step") and config.dropout == 0 and world == 1):
+    FusedMLP without dropout in one process, in float32."""
+    if not (hasattr(model, "train_step") and config.dropout == 0 and world == 1 and config.precision == "fp32"):
         return AutogradSteps
     if device.type == "cpu":
         return ManyFusedSteps

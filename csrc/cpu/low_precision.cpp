@@ -1,0 +1,146 @@
+// bfloat16 and float16 layers on the CPU: PyTorch's low-precision linear (low-precision operands,
+// float32 sums, each output rounded once; the bias added to the float32 sum), three ways:
+//   AMX tiles (bfloat16, when the active kernels have them: amx_ops.h), with the epilogue applied
+//     to the float32 tiles;
+//   the float32 kernels on operands widened to float32 (exact), their outputs rounded ("widened");
+//   ATen's own low-precision GEMM (at::addmm / at::mm: oneDNN, which uses AVX512-BF16 or AMX where
+//     the CPU has them) followed by fastmlp's ReLU + mask pass, the vendor way of gemm_choice.h.
+// fastmlp's way (AMX, else widened) serves unless "auto" measured the vendor GEMM faster for the
+// shape (or FASTMLP_GEMM=vendor). Low-precision GEMMs are timed from kLowTuneFlops up: without AMX
+// fastmlp has no bfloat16 kernel of its own, so there is no shape where it must win alone.
+// Results agree to the rounding of the low-precision type; the vendor way equals PyTorch's
+// nn.Linear + nn.ReLU in that dtype bit for bit.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "amx_ops.h"
+#include "gemm_choice.h"
+#include "layer_ops.h"
+#include "runner.h"
+
+namespace fastmlp::cpu {
+
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kLowTuneFlops = int64_t(1) << 20;
+
+Tensor wide(const Tensor& t) { return t.to(at::kFloat); }
+std::optional<Tensor> wide(const std::optional<Tensor>& t) {
+  return t.has_value() ? std::optional<Tensor>(wide(*t)) : std::nullopt;
+}
+
+const char* dtype_name(const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? "bfloat16" : "float16"; }
+
+// y = relu(y) in place (NaN kept, like torch.relu), bit j % 8 of mask row i's byte j / 8 set iff
+// y(i, j) > 0 (mask may be null); y (M, N) contiguous bfloat16 or float16 bits, kInf their +inf.
+// On the bit patterns: h > 0 exactly when 0 < h <= +inf, NaN when (h & 0x7fff) > +inf; written so
+// that the compiler vectorizes the elementwise part.
+template <uint16_t kInf>
+void relu_mask(uint16_t* y, int64_t M, int64_t N, uint8_t* mask) {
+  const int64_t ldm = div_up(N, 8);
+  constexpr int64_t kChunk = 512;
+  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(N, 1)), [&](int64_t r0, int64_t r1) {
+    uint8_t pos[kChunk];
+    for (int64_t i = r0; i < r1; ++i) {
+      uint16_t* row = y + i * N;
+      for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, N - c0);
+        for (int64_t j = 0; j < n; ++j) {
+          const uint16_t h = row[c0 + j];
+          const bool p = uint16_t(h - 1) < kInf, nan = (h & 0x7fff) > kInf;
+          pos[j] = p;
+          row[c0 + j] = (p || nan) ? h : uint16_t(0);
+        }
+        if (mask == nullptr) continue;
+        uint8_t* m = mask + i * ldm + c0 / 8;  // c0 is a multiple of 8
+        for (int64_t j0 = 0; j0 < n; j0 += 8) {
+          uint32_t bits = 0;
+          for (int64_t j = j0; j < std::min(n, j0 + 8); ++j) bits |= uint32_t(pos[j]) << (j - j0);
+          m[j0 / 8] = uint8_t(bits);
+        }
+      }
+    }
+  });
+}
+
+void relu_mask(Tensor& y, Tensor* mask) {
+  uint8_t* m = mask ? mask->mutable_data_ptr<uint8_t>() : nullptr;
+  uint16_t* bits = static_cast<uint16_t*>(y.data_ptr());
+  if (y.scalar_type() == at::kBFloat16) relu_mask<0x7f80>(bits, y.size(0), y.size(1), m);
+  else relu_mask<0x7c00>(bits, y.size(0), y.size(1), m);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> low_precision_forward(const Tensor& x_, const Tensor& w_, const std::optional<Tensor>& b,
+                                                 bool relu, bool want_mask) {
+  const Tensor x = x_.contiguous(), w = w_.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const bool masked = relu && want_mask;
+  Tensor mask = masked ? at::empty({M, div_up(N, 8)}, x.options().dtype(at::kByte)) : Tensor();
+  Tensor y;
+  const AmxKernels* amx = x.scalar_type() == at::kBFloat16 ? active_kernels().amx : nullptr;
+  auto ours = [&] {
+    if (amx) {
+      y = amx_linear(*amx, x, w, b, relu, masked ? mask.mutable_data_ptr<uint8_t>() : nullptr);
+      return;
+    }
+    auto [y32, m] = float_forward(wide(x), wide(w), wide(b), relu);
+    y = y32.to(x.scalar_type());
+    if (masked) mask = m;
+  };
+  auto theirs = [&] {
+    y = b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+    if (relu) relu_mask(y, masked ? &mask : nullptr);
+  };
+  if (M == 0 || N == 0) {
+    ours();
+    return {y, mask};
+  }
+  run_chosen(GemmKind::kForward, dtype_name(x), M, N, K, kLowTuneFlops, ours, theirs);
+  return {y, mask};
+}
+
+std::tuple<Tensor, Tensor, Tensor> low_precision_backward(const Tensor& gy_, const Tensor& x_, const Tensor& w_,
+                                                          const Tensor* mask, std::array<bool, 3> needs) {
+  const Tensor gy = gy_.contiguous(), x = x_.contiguous(), w = w_.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const auto dtype = x.scalar_type();
+  // dz (gy through the ReLU) and the bias gradient in float32: dz is exact, gb rounded once.
+  const Tensor gy32 = wide(gy);
+  Tensor dz32 = gy32, gb32 = at::empty({N}, gy32.options());
+  if (mask != nullptr) dz32 = at::empty({M, N}, gy32.options());
+  if (mask != nullptr || needs[2])
+    run_drelu_bias_grad<float>(table<float>(), M, N, gy32.const_data_ptr<float>(),
+                               mask ? mask->const_data_ptr<uint8_t>() : nullptr, div_up(N, 8),
+                               mask ? dz32.mutable_data_ptr<float>() : nullptr,
+                               needs[2] ? gb32.mutable_data_ptr<float>() : nullptr);
+  Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, x.options());
+  Tensor dz, x32, w32;  // made on first use
+  auto dz_low = [&]() -> const Tensor& { return dz.defined() ? dz : (dz = dz32.to(dtype)); };
+  auto x_wide = [&]() -> const Tensor& { return x32.defined() ? x32 : (x32 = wide(x)); };
+  auto w_wide = [&]() -> const Tensor& { return w32.defined() ? w32 : (w32 = wide(w)); };
+  const AmxKernels* amx = dtype == at::kBFloat16 ? active_kernels().amx : nullptr;
+  if (needs[0]) {  // gx = dz @ w
+    auto ours = [&] {
+      if (amx) gx = std::get<0>(amx_linear_backward(*amx, dz32, x, w, nullptr, {true, false, false}));
+      else gx = std::get<0>(float_backward(dz32, x_wide(), w_wide(), nullptr, {true, false, false})).to(dtype);
+    };
+    if (M == 0 || K == 0) ours();
+    else run_chosen(GemmKind::kGradInput, dtype_name(x), M, K, N, kLowTuneFlops, ours, [&] { gx = at::mm(dz_low(), w); });
+  }
+  if (needs[1]) {  // gw = dz.T @ x (zeros for an empty batch)
+    auto ours = [&] {
+      if (amx) gw = std::get<1>(amx_linear_backward(*amx, dz32, x, w, nullptr, {false, true, false}));
+      else gw = std::get<1>(float_backward(dz32, x_wide(), w_wide(), nullptr, {false, true, false})).to(dtype);
+    };
+    if (N == 0 || K == 0 || M == 0) ours();
+    else run_chosen(GemmKind::kGradWeight, dtype_name(x), N, K, M, kLowTuneFlops, ours,
+                    [&] { gw = at::mm(dz_low().t(), x); });
+  }
+  return {gx, gw, needs[2] ? gb32.to(dtype) : at::empty({0}, x.options())};
+}
+
+}  // namespace fastmlp::cpu
