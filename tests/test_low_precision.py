@@ -266,3 +266,28 @@ def test_amx_refused_falls_back_to_float32_kernels():
     isa, bf16, supported, ok, refused = json.loads(r.stdout.strip().splitlines()[-1])
     assert isa != "amx" and "amx" not in supported and bf16.startswith("float32 kernels") and refused
     assert ok
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_autocast_matches_pytorch_autocast(dtype):
+    """AutocastCUDA: fastmlp layers follow torch.autocast("cuda") as nn.Linear does."""
+    torch.manual_seed(11)
+    model = fastmlp.FusedMLP((784, 128, 64, 10), device="cuda")
+    plain = model.to_torch()
+    x, gy = torch.randn(96, 784, device="cuda"), torch.randn(96, 10, device="cuda")
+
+    def run(m):
+        m.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=dtype):
+            y = m(xr)
+        y.backward(gy.to(y.dtype))
+        return [y.detach(), xr.grad] + [p.grad for p in m.parameters()]
+
+    got, want = run(model), run(plain)
+    truth = _run(copy.deepcopy(plain).double().cpu(), x.double().cpu(), gy.double().cpu())
+    for i, (g, w, t) in enumerate(zip(got, want, truth)):
+        assert g.dtype == w.dtype, i
+        assert_close_low(g.cpu(), w.cpu(), t, f"tensor {i}", factor=4.0)
