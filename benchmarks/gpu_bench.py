@@ -31,7 +31,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-CASES = [(64, 784, 256), (8192, 784, 256), (65536, 1024, 1024)]
+# 512-2048 rows bracket the crossover of the vendor-GEMM rule (csrc/cuda/launch.h: 2^28 flop).
+CASES = [(64, 784, 256), (512, 784, 256), (1024, 784, 256), (2048, 784, 256), (8192, 784, 256), (65536, 1024, 1024)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EPS32 = torch.finfo(torch.float32).eps
 

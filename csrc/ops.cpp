@@ -94,14 +94,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     " (or 'auto')");
       },
       "Select the CPU kernels: 'auto', 'avx512', 'avx2' or 'generic'.");
-  m.def("cpu_gemm", [] { return std::string(fastmlp::cpu::gemm_mode_name()); },
-        "Which GEMM serves the CPU layer ops: 'auto', 'fastmlp' or 'vendor' (FASTMLP_GEMM).");
-  m.def("set_cpu_gemm", [](const std::string& mode) {
-        TORCH_CHECK(fastmlp::cpu::set_gemm_mode(mode.c_str()), "fastmlp.set_cpu_gemm: mode must be 'auto', ",
+  m.def("gemm_mode", [] { return std::string(fastmlp::cpu::gemm_mode_name()); },
+        "Which GEMMs serve the layer ops: 'auto', 'fastmlp' or 'vendor' (FASTMLP_GEMM).");
+  m.def("set_gemm", [](const std::string& mode) {
+        TORCH_CHECK(fastmlp::cpu::set_gemm_mode(mode.c_str()), "fastmlp.set_gemm: mode must be 'auto', ",
                     "'fastmlp' or 'vendor', got '", mode, "'");
       },
-      "Select the GEMM of the CPU layer ops: 'auto', 'fastmlp' or 'vendor'; forgets the tuned choices.");
-  m.def("cpu_gemm_choices", [] {
+      "Select the GEMMs of the layer ops: 'auto', 'fastmlp' or 'vendor'; forgets the tuned choices.");
+  m.def("gemm_choices", [] {
         std::vector<std::map<std::string, py::object>> out;
         for (const auto& c : fastmlp::cpu::gemm_choices())
           out.push_back({{"kind", py::str(c.kind)}, {"dtype", py::str(c.dtype)}, {"isa", py::str(c.isa)},

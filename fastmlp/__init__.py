@@ -25,13 +25,13 @@ __all__ = [
     "backend",
     "backend_info",
     "convert",
-    "cpu_gemm_choices",
+    "gemm_choices",
     "functional",
     "linear",
     "linear_relu",
     "plain_mlp",
     "predict",
-    "set_cpu_gemm",
+    "set_gemm",
     "set_cpu_isa",
 ]
 
@@ -53,8 +53,9 @@ def backend(device="cpu") -> str:
 
 def backend_info() -> dict:
     """Details behind backend(): extension status, CPU instruction set, what runs bfloat16 on the CPU
-    ("cpu_bf16": AMX tiles, or the float32 kernels on widened operands), which GEMM serves the CPU
-    layer ops ("cpu_gemm", see set_cpu_gemm), CUDA build."""
+    ("cpu_bf16": AMX tiles, or the float32 kernels on widened operands), which GEMMs serve the layer
+    ops ("gemm" mode, see set_gemm; "cpu_vendor_gemm_shapes": where "auto" chose the vendor GEMM on
+    the CPU; "cuda_vendor_gemm": its rule on CUDA), CUDA build."""
     info = {
         "extension": _ops._C is not None,
         "cpu": backend("cpu"),
@@ -68,10 +69,12 @@ def backend_info() -> dict:
         info["supported_cpu_isas"] = _ops._C.supported_cpu_isas().split(",")
         isa = info["cpu_isa"]
         info["cpu_bf16"] = isa if isa.startswith("amx") else "float32 kernels (operands widened)"
-        info["cpu_gemm"] = _ops._C.cpu_gemm()
-        vendor = sorted({f"{c['kind']} {c['rows']}x{c['inner']}->{c['cols']}" for c in cpu_gemm_choices()
+        info["gemm"] = _ops._C.gemm_mode()
+        vendor = sorted({f"{c['kind']} {c['rows']}x{c['inner']}->{c['cols']}" for c in gemm_choices()
                          if c["gemm"] == "vendor"})
         info["cpu_vendor_gemm_shapes"] = vendor
+        info["cuda_vendor_gemm"] = {"auto": "cuBLAS for GEMMs of >= 2^28 flop", "fastmlp": "never",
+                                    "vendor": "always"}[info["gemm"]]
         info["cuda_archs"] = _ops._C.cuda_arch_list()
         info["cuda_kernels_built"] = bool(getattr(_ops._C, "has_cuda_kernels", lambda: False)())
     return info
@@ -88,33 +91,34 @@ def set_cpu_isa(isa: str = "auto") -> None:
     _ops._C.set_cpu_isa(isa)
 
 
-def set_cpu_gemm(mode: str = "auto") -> None:
-    """Select the GEMM of the CPU layer ops (linear_relu, linear, FusedMLP inference):
+def set_gemm(mode: str = "auto") -> None:
+    """Select the GEMM of the layer ops (linear_relu, linear, FusedMLP inference), CPU and CUDA:
 
-    "auto"     (default) the hand-written kernels, except that a GEMM of at least 2^28 flops is timed
-               once per process both ways (hand-written, and ATen's GEMM, i.e. MKL, followed by
-               fastmlp's own bias + ReLU + mask epilogue) and the faster serves that shape from then
-               on; cpu_gemm_choices() lists what was timed. Results may then differ in rounding (never
-               beyond float32 error) between processes.
-    "fastmlp"  always the hand-written kernels: bitwise reproducible run to run.
+    "auto"     (default) fastmlp's kernels, except where the vendor GEMM is faster: on the CPU a GEMM
+               of at least 2^28 flop (2^20 in bfloat16/float16) is timed once per process both ways
+               (fastmlp's kernel, and ATen's GEMM, i.e. MKL or oneDNN, followed by fastmlp's own
+               bias + ReLU + mask epilogue) and the faster serves that shape from then on
+               (gemm_choices() lists what was timed); on CUDA a GEMM of at least 2^28 flop goes to
+               cuBLAS (a rule from measurements: timing would need a host synchronisation).
+               Results may then differ in rounding (within the dtype's error) between processes.
+    "fastmlp"  always fastmlp's kernels: bitwise reproducible run to run.
     "vendor"   ATen's GEMM for every layer GEMM (plus fastmlp's epilogue); for comparison.
 
-    Also settable before import with FASTMLP_GEMM. The whole-step training ops always use the
-    hand-written kernels (their weight-gradient GEMM applies the optimizer update). Forgets the
-    choices made so far.
+    Also settable before import with FASTMLP_GEMM. The whole-step training ops always use fastmlp's
+    kernels (their weight-gradient GEMM applies the optimizer update). Forgets the choices made so far.
     """
     if _ops._C is None:
-        raise RuntimeError(f"fastmlp.set_cpu_gemm: no compiled extension ({_ops.FALLBACK_REASON})")
-    _ops._C.set_cpu_gemm(mode)
+        raise RuntimeError(f"fastmlp.set_gemm: no compiled extension ({_ops.FALLBACK_REASON})")
+    _ops._C.set_gemm(mode)
 
 
-def cpu_gemm_choices() -> list:
-    """The CPU layer GEMM shapes "auto" mode timed both ways in this process: dicts with kind
+def gemm_choices() -> list:
+    """The CPU layer GEMMs "auto" mode timed both ways in this process: dicts with kind
     ("forward", "grad_input", "grad_weight"), dtype, isa, rows, cols and inner (C is rows x cols, summed
     over inner; of the first GEMM timed: later batches in the same power-of-two range share the
     choice), threads, fastmlp_us, vendor_us (best times) and gemm (the winner). [] without the
     extension."""
-    return [] if _ops._C is None else _ops._C.cpu_gemm_choices()
+    return [] if _ops._C is None else _ops._C.gemm_choices()
 
 
 def __getattr__(name):

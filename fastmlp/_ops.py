@@ -9,7 +9,7 @@ Environment (read once, at import):
   FASTMLP_CPU_ISA=NAME         the CPU kernels to use (avx512, avx2, generic; read by the extension); a
                                name this CPU cannot run warns and the best kernels serve
   FASTMLP_GEMM=MODE            the GEMM of the CPU layer ops: auto (default), fastmlp or vendor (read by the
-                               extension; see fastmlp.set_cpu_gemm); another value warns and auto serves
+                               extension; see fastmlp.set_gemm); another value warns and auto serves
   FASTMLP_CUDA_KERNELS=0       serve CUDA tensors with the PyTorch reference instead of the
                                hand-written CUDA kernels (the default when the build has them)
 """

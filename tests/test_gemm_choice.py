@@ -1,4 +1,4 @@
-"""The vendor-GEMM safety net of the CPU layer ops (csrc/cpu/gemm_choice.h, fastmlp.set_cpu_gemm):
+"""The vendor-GEMM safety net of the CPU layer ops (csrc/cpu/gemm_choice.h, fastmlp.set_gemm):
 with "vendor" every layer GEMM is ATen's (MKL) followed by fastmlp's own epilogue, and must give what
 nn.Linear + nn.ReLU give, masks included; "auto" times large GEMMs both ways once and records the
 choice; the whole-step ops never leave the hand-written kernels."""
@@ -21,9 +21,9 @@ pytestmark = pytest.mark.skipif(fastmlp.backend("cpu") != "compiled", reason="ne
 
 @pytest.fixture
 def gemm_mode(request):
-    fastmlp.set_cpu_gemm(request.param)
+    fastmlp.set_gemm(request.param)
     yield request.param
-    fastmlp.set_cpu_gemm("auto")
+    fastmlp.set_gemm("auto")
 
 
 @pytest.mark.parametrize("gemm_mode", ["vendor"], indirect=True)
@@ -67,15 +67,15 @@ def test_vendor_inference(gemm_mode, sizes, batch):
 
 @pytest.mark.parametrize("gemm_mode", ["auto"], indirect=True)
 def test_auto_times_large_gemms_once_and_records_the_choice(gemm_mode):
-    assert fastmlp.backend_info()["cpu_gemm"] == "auto"
-    assert fastmlp.cpu_gemm_choices() == []
+    assert fastmlp.backend_info()["gemm"] == "auto"
+    assert fastmlp.gemm_choices() == []
     torch.manual_seed(0)
     small = fastmlp.FusedLinearReLU(784, 256)
     small(torch.randn(64, 784, requires_grad=True)).sum().backward()
-    assert fastmlp.cpu_gemm_choices() == [], "a batch-64 layer must never be timed against the vendor GEMM"
+    assert fastmlp.gemm_choices() == [], "a batch-64 layer must never be timed against the vendor GEMM"
     # 1100 x 784 -> 256: 2 * 1100 * 784 * 256 = 442 Mflop per GEMM, above the 2^28 threshold.
     _check(True, (1100, 784), 256, True, torch.float32, "cpu")
-    choices = fastmlp.cpu_gemm_choices()
+    choices = fastmlp.gemm_choices()
     assert sorted(c["kind"] for c in choices) == ["forward", "grad_input", "grad_weight"], choices
     for c in choices:
         assert c["dtype"] == "float32" and 1100 in (c["rows"], c["inner"]) and c["threads"] == torch.get_num_threads()
@@ -85,9 +85,9 @@ def test_auto_times_large_gemms_once_and_records_the_choice(gemm_mode):
     assert set(fastmlp.backend_info()["cpu_vendor_gemm_shapes"]) == vendor
     # Same shapes again (another batch in the same power-of-two bucket): no new timing.
     _check(True, (1500, 784), 256, True, torch.float32, "cpu")
-    assert len(fastmlp.cpu_gemm_choices()) == 3
-    fastmlp.set_cpu_gemm("fastmlp")
-    assert fastmlp.cpu_gemm_choices() == []
+    assert len(fastmlp.gemm_choices()) == 3
+    fastmlp.set_gemm("fastmlp")
+    assert fastmlp.gemm_choices() == []
 
 
 @pytest.mark.parametrize("gemm_mode", ["vendor"], indirect=True)
@@ -102,7 +102,7 @@ def test_whole_step_ops_keep_the_hand_written_gemm(gemm_mode):
         return torch.stack([torch.as_tensor(v) for v in losses]), [p.detach().clone() for p in model.parameters()]
 
     vendor_losses, vendor_params = run()
-    fastmlp.set_cpu_gemm("fastmlp")
+    fastmlp.set_gemm("fastmlp")
     losses, params = run()
     assert torch.equal(vendor_losses, losses)
     assert all(torch.equal(a, b) for a, b in zip(vendor_params, params))
@@ -110,13 +110,39 @@ def test_whole_step_ops_keep_the_hand_written_gemm(gemm_mode):
 
 def test_bad_modes_are_refused():
     with pytest.raises(RuntimeError, match="mode must be 'auto', 'fastmlp' or 'vendor', got 'mkl'"):
-        fastmlp.set_cpu_gemm("mkl")
-    assert fastmlp.backend_info()["cpu_gemm"] == "auto"
+        fastmlp.set_gemm("mkl")
+    assert fastmlp.backend_info()["gemm"] == "auto"
     env = dict(os.environ, FASTMLP_GEMM="mkl")
     code = "import warnings; warnings.simplefilter('error'); import fastmlp"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "FASTMLP_GEMM=mkl is not a GEMM mode" in r.stderr
     env["FASTMLP_GEMM"] = "vendor"
-    code = "import fastmlp; print(fastmlp.backend_info()['cpu_gemm'])"
+    code = "import fastmlp; print(fastmlp.backend_info()['gemm'])"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "vendor", r.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("mode", ["auto", "fastmlp", "vendor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_large_layer_either_gemm(mode, dtype):
+    """On CUDA "auto" sends GEMMs of >= 2^28 flop to cuBLAS with fastmlp's ReLU + mask kernel; every
+    mode gives nn.Linear's results within the dtype's error, and the mask of its output."""
+    fastmlp.set_gemm(mode)
+    try:
+        torch.manual_seed(0)
+        layer = fastmlp.FusedLinearReLU(784, 256, device="cuda", dtype=dtype)
+        ref = torch.nn.Sequential(torch.nn.Linear(784, 256, device="cuda", dtype=dtype), torch.nn.ReLU())
+        ref[0].load_state_dict(layer.state_dict())
+        x = torch.randn(4096, 784, device="cuda", dtype=dtype, requires_grad=True)
+        gy = torch.randn(4096, 256, device="cuda", dtype=dtype)
+        y, mask = torch.ops.fastmlp.linear_relu_fwd(x, layer.weight, layer.bias)
+        assert torch.equal(mask, pack_bits(y > 0))
+        got = [layer(x)] + list(torch.autograd.grad(layer(x), [x, layer.weight, layer.bias], gy))
+        want = [ref(x)] + list(torch.autograd.grad(ref(x), [x, *ref.parameters()], gy))
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.float(), w.float(), **tol)
+    finally:
+        fastmlp.set_gemm("auto")

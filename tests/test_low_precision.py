@@ -77,9 +77,9 @@ def test_low_precision_layers_match_nn_linear(low_isa, dtype, shape, relu, bias)
 
 @pytest.fixture
 def vendor_gemm():
-    fastmlp.set_cpu_gemm("vendor")
+    fastmlp.set_gemm("vendor")
     yield
-    fastmlp.set_cpu_gemm("auto")
+    fastmlp.set_gemm("auto")
 
 
 @pytest.mark.skipif(fastmlp.backend("cpu") != "compiled", reason="needs the compiled extension")

@@ -1,4 +1,5 @@
-// The vendor-GEMM safety net of the CPU layer ops: a layer GEMM (forward, dX or dW) may be computed
+// The vendor-GEMM safety net of the CPU layer ops (the mode also steers CUDA's: csrc/cuda/launch.h,
+// vendor_gemm): a layer GEMM (forward, dX or dW) may be computed
 // by ATen's GEMM (at::mm -> MKL / oneDNN / OpenBLAS) with fastmlp's own epilogue (bias, ReLU, 1-bit
 // mask) applied after it, where that measures faster than the hand-written kernel.
 //
@@ -9,7 +10,7 @@
 //            own operands; the faster serves that GEMM from then on. Smaller ones never leave the
 //            hand-written kernels (they must win there on their own; BENCHMARKS.md).
 // Which way won is recorded per (GEMM kind, dtype, batch rounded down to a power of two, the
-// layer's two widths, threads, ISA) and listed by gemm_choices() (fastmlp.cpu_gemm_choices()); the
+// layer's two widths, threads, ISA) and listed by gemm_choices() (fastmlp.gemm_choices()); the
 // batch is C's rows in the forward and dX GEMMs, the sum's length (inner) in dW. The whole-step
 // ops never use the vendor GEMM: their dW carries the fused optimizer update.
 #pragma once

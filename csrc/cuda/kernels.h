@@ -110,6 +110,13 @@ void drelu_bias_grad(int64_t rows, int64_t cols, const __nv_bfloat16* gy, const 
                      int64_t ldm, __nv_bfloat16* dz, __nv_bfloat16* gb, float* partial,
                      cudaStream_t stream);
 
+// ReLU in place with its mask (bit j % 8 of mask[i * ceil(cols / 8) + j / 8] set iff y(i, j) > 0;
+// mask may be null) over a row-major (rows, cols) y: the epilogue of a vendor GEMM (launch.h).
+void relu_mask(int64_t rows, int64_t cols, float* y, uint8_t* mask, cudaStream_t stream);
+void relu_mask(int64_t rows, int64_t cols, double* y, uint8_t* mask, cudaStream_t stream);
+void relu_mask(int64_t rows, int64_t cols, __half* y, uint8_t* mask, cudaStream_t stream);
+void relu_mask(int64_t rows, int64_t cols, __nv_bfloat16* y, uint8_t* mask, cudaStream_t stream);
+
 // ---- inference through a whole MLP (mlp_forward.cu) --------------------------------------------
 
 // y = layer_{L-1}(... layer_0(x)) for x (rows, dims[0]) and w[l] (dims[l + 1], dims[l]), all

@@ -11,6 +11,7 @@
 #include <mutex>
 #include <type_traits>
 
+#include "../cpu/gemm_choice.h"
 #include "common.cuh"
 #include "kernels.h"
 
@@ -75,6 +76,22 @@ inline bool split_k_enabled() {
     return v != nullptr && v[0] == '1' && v[1] == '\0';
   }();
   return on;
+}
+
+// The vendor-GEMM safety net on CUDA (the CPU's: csrc/cpu/gemm_choice.h, same FASTMLP_GEMM mode):
+// whether a layer GEMM (C rows x cols, summed over inner) goes to cuBLAS through ATen (at::mm_out /
+// addmm_out, then fastmlp's ReLU + mask kernel) instead of the hand-written kernels. "auto" is a
+// rule from the one H200 run on record (BENCHMARKS.md, 2026-11-28): at 64x784->256 the hand-written
+// forward + backward was 1.20-1.26x cuBLAS's, at 8192x784->256 and beyond 0.10-0.48x; the switch
+// sits at 2^28 flop (e.g. 784 -> 256 from batch 669) until a GPU run measures the crossover. No
+// timing on the GPU: that would need a host synchronisation, which a CUDA graph capture forbids.
+inline constexpr int64_t kCudaVendorFlops = int64_t(1) << 28;
+inline bool vendor_gemm(int64_t rows, int64_t cols, int64_t inner) {
+  switch (cpu::gemm_mode()) {
+    case cpu::GemmMode::kFastmlp: return false;
+    case cpu::GemmMode::kVendor: return true;
+    default: return 2 * rows * cols * inner >= kCudaVendorFlops;
+  }
 }
 
 template <typename T>

@@ -59,6 +59,12 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x_, const Tensor& w_, const std
   Tensor y = at::empty({M, N}, x.options());
   Tensor mask = relu ? at::empty({M, div_up(N, 8)}, x.options().dtype(at::kByte)) : Tensor();
   if (M == 0 || N == 0) return {y, mask};
+  if (vendor_gemm(M, N, K)) {  // cuBLAS (bias in its epilogue), then fastmlp's ReLU + mask
+    if (b.defined()) at::addmm_out(y, b, x, w.t());
+    else at::mm_out(y, x, w.t());
+    if (relu) relu_mask(M, N, mptr<T>(y), mptr<uint8_t>(mask), l.stream);
+    return {y, mask};
+  }
   gemm<T>(forward_gemm<T>(M, N, K, cptr<T>(x), cptr<T>(w), b.defined() ? cptr<T>(b) : nullptr, mptr<T>(y),
                           relu ? mptr<uint8_t>(mask) : nullptr),
           l);
@@ -91,10 +97,14 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& gy_, const Tensor& x_,
                     make_dz ? mptr<T>(dz) : nullptr, needs[2] ? mptr<T>(gb) : nullptr,
                     partial.defined() ? mptr<Acc>(partial) : nullptr, l.stream);
   }
-  if (needs[0] && M > 0 && K > 0)  // gx = dz @ w  (zeros when N == 0)
-    gemm<T>(grad_input_gemm<T>(M, N, K, cptr<T>(dz), cptr<T>(w), mptr<T>(gx)), l);
-  if (needs[1] && N > 0 && K > 0)  // gw = dz.T @ x  (zeros for an empty batch)
-    gemm<T>(grad_weight_gemm<T>(M, N, K, cptr<T>(dz), cptr<T>(x), mptr<T>(gw)), l);
+  if (needs[0] && M > 0 && K > 0) {  // gx = dz @ w  (zeros when N == 0)
+    if (vendor_gemm(M, K, N)) at::mm_out(gx, dz, w);
+    else gemm<T>(grad_input_gemm<T>(M, N, K, cptr<T>(dz), cptr<T>(w), mptr<T>(gx)), l);
+  }
+  if (needs[1] && N > 0 && K > 0) {  // gw = dz.T @ x  (zeros for an empty batch)
+    if (vendor_gemm(N, K, M)) at::mm_out(gw, dz.t(), x);
+    else gemm<T>(grad_weight_gemm<T>(M, N, K, cptr<T>(dz), cptr<T>(x), mptr<T>(gw)), l);
+  }
   return {gx, gw, gb};
 }
 

@@ -189,7 +189,7 @@ def _run(args, argv, prog) -> int:
     doc = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join([prog, *(argv if argv is not None else sys.argv[1:])]), "mode": mode,
            "machine": machine, "peak": peak, "settings": settings_record(settings, elapsed), "results": results,
-           "cpu_gemm": gemm}
+           "gemm": gemm}
     if args.json:
         write_json(args.json, doc)
         print(f"results written to {args.json}")
@@ -208,7 +208,7 @@ def _gemm_record():
 
     if fastmlp.backend("cpu") != "compiled":
         return None
-    return {"mode": fastmlp.backend_info()["cpu_gemm"], "choices": fastmlp.cpu_gemm_choices()}
+    return {"mode": fastmlp.backend_info()["gemm"], "choices": fastmlp.gemm_choices()}
 
 
 def show(doc) -> str:
@@ -217,7 +217,7 @@ def show(doc) -> str:
     parts = [f"command: {doc.get('command')}  ({doc.get('created')})",
              format_machine(doc["machine"], doc.get("peak")), "",
              format_tables(good, doc.get("peak"), doc["machine"].get("threads")), "",
-             format_gemm_choices(doc.get("cpu_gemm")), "",
+             format_gemm_choices(doc.get("gemm")), "",
              format_notes(good, doc.get("settings", {}).get("elapsed_s"), doc["machine"])]
     parts += [f"FAILED {r['id']}: {r['error']}" for r in doc.get("results", []) if "error" in r]
     return "\n".join(parts)

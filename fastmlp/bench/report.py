@@ -160,7 +160,7 @@ def format_notes(results, elapsed=None, machine=None) -> str:
 
 
 def format_gemm_choices(gemm) -> str:
-    """Which GEMM served the CPU layer ops (fastmlp.set_cpu_gemm): the mode, and every shape "auto"
+    """Which GEMM served the CPU layer ops (fastmlp.set_gemm): the mode, and every shape "auto"
     timed both ways with the winner."""
     if not gemm:
         return ""

@@ -17,6 +17,7 @@
 #include "cuda/drelu_bias_grad.cuh"
 #include "cuda/step_kernels.cuh"
 #include "cuda/mlp_forward.cuh"
+#include "cuda/relu_mask.cuh"
 // clang-format on
 
 #include <array>
@@ -505,6 +506,40 @@ void check_mlp_forward(int64_t rows, const std::vector<int>& dims, bool bias, bo
   report(bad == 0, what);
 }
 
+// ---- ReLU + mask after a vendor GEMM (relu_mask.cuh) -----------------------------------------------
+
+template <class T>
+void check_relu_mask(int64_t rows, int64_t cols, bool with_mask, std::mt19937& rng) {
+  std::vector<T> y = grid_data<T>(size_t(rows * cols), 0.5, rng), want = y;
+  if (!y.empty()) y[y.size() / 2] = want[y.size() / 2] = from_double<T>(std::nan(""));
+  const int64_t ldm = (cols + 7) / 8;
+  std::vector<uint8_t> mask(size_t(rows * ldm), kMaskSentinel), want_mask(size_t(rows * ldm), 0);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      const double v = to_double(want[size_t(i * cols + j)]);
+      if (v > 0) want_mask[size_t(i * ldm + j / 8)] |= uint8_t(1u << (j % 8));
+      else if (v == v) want[size_t(i * cols + j)] = from_double<T>(0.0);
+    }
+  const int64_t threads = rows * ldm;
+  emu::launch(dim3(unsigned(std::max<int64_t>(1, div_up(threads, 64)))), dim3(64),
+              [&] { relu_mask_kernel<T>(rows, cols, y.data(), with_mask ? mask.data() : nullptr); },
+              emu::Order::Random, 5);
+  size_t bad = 0;
+  for (size_t i = 0; i < y.size(); ++i) bad += !same_bits(y[i], want[i]);
+  if (with_mask) bad += size_t(mask != want_mask);
+  else bad += size_t(std::any_of(mask.begin(), mask.end(), [](uint8_t b) { return b != kMaskSentinel; }));
+  char what[160];
+  std::snprintf(what, sizeof what, "relu_mask_kernel %s rows=%lld cols=%lld mask=%d: %zu bad", type_name<T>(),
+                (long long)rows, (long long)cols, with_mask, bad);
+  report(bad == 0, what);
+}
+
+template <class T>
+void relu_mask_suite(std::mt19937& rng) {
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {5, 8}, {9, 257}, {64, 10}})
+    for (bool with_mask : {true, false}) check_relu_mask<T>(rows, cols, with_mask, rng);
+}
+
 template <class T>
 void mlp_forward_suite(bool quick, std::mt19937& rng) {
   check_mlp_forward<T>(1, {784, 256, 10}, true, false, rng);  // the course MLPs at batch 1
@@ -542,6 +577,11 @@ int main(int argc, char** argv) {
   drelu_suite<double>(quick, rng);
   drelu_suite<__half>(quick, rng);
   drelu_suite<__nv_bfloat16>(quick, rng);
+
+  relu_mask_suite<float>(rng);
+  relu_mask_suite<double>(rng);
+  relu_mask_suite<__half>(rng);
+  relu_mask_suite<__nv_bfloat16>(rng);
 
   mlp_forward_suite<float>(quick, rng);
   mlp_forward_suite<double>(quick, rng);
