@@ -74,12 +74,15 @@ class FusedMLP(nn.Sequential):
         if torch._C._are_functorch_transforms_active() or (
                 torch.is_grad_enabled() and (x.requires_grad or self._params_require_grad())):
             return super().forward(x)
-        params = [m._parameters for m in self._modules.values()]
-        weights = [p["weight"] for p in params]
-        biases = [p["bias"] for p in params if p["bias"] is not None]
-        if len(biases) not in (0, len(weights)):  # some layers without a bias (edited by hand)
+        weights, biases = [], []
+        for m in self._modules.values():
+            p = m._parameters
+            weights.append(p["weight"])
+            if p["bias"] is not None:
+                biases.append(p["bias"])
+        if biases and len(biases) != len(weights):  # some layers without a bias (edited by hand)
             return super().forward(x)
-        return torch.ops.fastmlp.mlp_forward(x, weights, biases)
+        return F._mlp_forward(x, weights, biases, False)
 
     def _params_require_grad(self) -> bool:
         for m in self._modules.values():

@@ -39,12 +39,21 @@ Tensor forward(const Tensor& x2, at::TensorList weights, at::TensorList biases, 
   }
   Tensor y = at::empty(out_shape, x2.options());
   if (M == 0) return y;
-  Tensor work = at::empty({L > 1 ? std::min<int64_t>(L - 1, 2) * M * widest : 0}, x2.options());
+  // The hidden activations: on the stack when they fit (a small batch: no allocation at all).
+  const int64_t work_size = L > 1 ? std::min<int64_t>(L - 1, 2) * M * widest : 0;
+  constexpr int64_t kStackBytes = 16384;
+  alignas(64) unsigned char stack[kStackBytes];
+  Tensor work;
+  T* hidden = reinterpret_cast<T*>(stack);
+  if (work_size * int64_t(sizeof(T)) > kStackBytes) {
+    work = at::empty({work_size}, x2.options());
+    hidden = work.mutable_data_ptr<T>();
+  }
   const T* in = x2.const_data_ptr<T>();
   const auto& k = table<T>();
   for (int64_t l = 0; l < L; ++l) {
     const int64_t N = ws[l].size(0), K = ws[l].size(1);
-    T* out = l + 1 == L ? y.mutable_data_ptr<T>() : work.mutable_data_ptr<T>() + (l % 2) * M * widest;
+    T* out = l + 1 == L ? y.mutable_data_ptr<T>() : hidden + (l % 2) * M * widest;
     const T* bias = bs.empty() ? nullptr : bs[l].const_data_ptr<T>();
     run_layer_gemm(k, layer_forward<T>(M, K, N, in, ws[l].const_data_ptr<T>(), bias, out, l + 1 < L || relu_last, nullptr),
                    GemmKind::kForward);
