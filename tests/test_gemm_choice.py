@@ -43,6 +43,20 @@ def test_vendor_no_bias_and_non_contiguous(gemm_mode, relu):
 
 
 @pytest.mark.parametrize("gemm_mode", ["vendor"], indirect=True)
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_vendor_no_input_features(gemm_mode):
+    """in_features = 0: the output rows are the bias, through the vendor path too."""
+    layer = fastmlp.FusedLinearReLU(0, 5)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0]))
+    x = torch.randn(4, 0, requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, layer.bias.relu().expand(4, 5))
+    y.sum().backward()
+    assert x.grad.shape == (4, 0) and torch.equal(layer.bias.grad, (layer.bias > 0).float() * 4)
+
+
+@pytest.mark.parametrize("gemm_mode", ["vendor"], indirect=True)
 @pytest.mark.parametrize("n_out", [1, 10, 64, 257])
 def test_vendor_mask_is_packed_relu_bits(gemm_mode, n_out):
     torch.manual_seed(2)

@@ -67,10 +67,14 @@ const char* kind_name(GemmKind kind) {
 template <typename T>
 void vendor_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
   const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor a = at::from_blob(const_cast<T*>(g.a), {g.rows, g.inner}, {g.a_rs, g.a_cs}, opt);
-  const at::Tensor b = at::from_blob(const_cast<T*>(g.b), {g.inner, g.cols}, {g.b_rs, g.b_cs}, opt);
   at::Tensor c = at::from_blob(g.c, {g.rows, g.cols}, {g.ldc, 1}, opt);
-  at::mm_out(c, a, b);
+  if (g.inner == 0) {
+    c.zero_();  // (a and b may then have no data at all)
+  } else {
+    const at::Tensor a = at::from_blob(const_cast<T*>(g.a), {g.rows, g.inner}, {g.a_rs, g.a_cs}, opt);
+    const at::Tensor b = at::from_blob(const_cast<T*>(g.b), {g.inner, g.cols}, {g.b_rs, g.b_cs}, opt);
+    at::mm_out(c, a, b);
+  }
   if (g.bias == nullptr && !g.relu) return;
   const int64_t nt = threads_for(g.rows * g.cols, kParallelElems);
   if (nt == 1) return k.finish_rows(g, 0, g.rows);
