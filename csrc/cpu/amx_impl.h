@@ -62,15 +62,21 @@ inline void pack_a(const GemmLow& g, bf16_t* dst) {
 
 // Columns [j0, j0 + 32) of B as two VNNI sub-panels of 16 columns: sub-panel s holds B(p, j0 + 16 s + n)
 // at [(p / 2) * 32 + n * 2 + p % 2], zero past the last column and K value.
+// Written row by row of the panel (one K pair, 16 columns: 64 contiguous bytes), reading 16 column
+// streams of B (the weight's rows in the forward) or two of its rows (dX, dW).
 inline void pack_b_panel(const GemmLow& g, int64_t j0, int64_t kp, bf16_t* dst) {
-  std::memset(dst, 0, size_t(2 * kp * 16) * sizeof(bf16_t));
   for (int s = 0; s < 2; ++s) {
     bf16_t* sub = dst + s * kp * 16;
-    for (int n = 0; n < 16; ++n) {
-      const int64_t j = j0 + 16 * s + n;
-      if (j >= g.cols) break;
-      const int64_t base = j * g.b_cs;
-      for (int64_t p = 0; p < g.inner; ++p) sub[(p / 2) * 32 + n * 2 + (p % 2)] = operand(g.b, g.b_f32, base + p * g.b_rs);
+    const int ncols = int(g.cols - (j0 + 16 * s) < 16 ? g.cols - (j0 + 16 * s) : 16);
+    for (int64_t k2 = 0; k2 < kp / 2; ++k2) {
+      bf16_t* row = sub + k2 * 32;
+      for (int e = 0; e < 2; ++e) {
+        const int64_t p = 2 * k2 + e;
+        int n = 0;
+        if (p < g.inner)
+          for (; n < ncols; ++n) row[2 * n + e] = operand(g.b, g.b_f32, p * g.b_rs + (j0 + 16 * s + n) * g.b_cs);
+        for (; n < 16; ++n) row[2 * n + e] = 0;
+      }
     }
   }
 }

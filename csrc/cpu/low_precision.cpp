@@ -6,8 +6,9 @@
 //   ATen's own low-precision GEMM (at::addmm / at::mm: oneDNN, which uses AVX512-BF16 or AMX where
 //     the CPU has them) followed by fastmlp's ReLU + mask pass, the vendor way of gemm_choice.h.
 // fastmlp's way (AMX, else widened) serves unless "auto" measured the vendor GEMM faster for the
-// shape (or FASTMLP_GEMM=vendor). Low-precision GEMMs are timed from kLowTuneFlops up: without AMX
-// fastmlp has no bfloat16 kernel of its own, so there is no shape where it must win alone.
+// shape (or FASTMLP_GEMM=vendor). Low-precision GEMMs are timed from kLowTuneFlops up, small
+// shapes included: without AMX fastmlp has no bfloat16 kernel of its own, and with AMX each call
+// packs the weight into tiles, which oneDNN may do better at a batch of a few rows.
 // Results agree to the rounding of the low-precision type; the vendor way equals PyTorch's
 // nn.Linear + nn.ReLU in that dtype bit for bit.
 #include <ATen/ATen.h>
@@ -24,7 +25,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kLowTuneFlops = int64_t(1) << 20;
+constexpr int64_t kLowTuneFlops = int64_t(1) << 16;
 
 Tensor wide(const Tensor& t) { return t.to(at::kFloat); }
 std::optional<Tensor> wide(const std::optional<Tensor>& t) {
