@@ -1,14 +1,15 @@
 // The vendor-GEMM safety net of the CPU layer ops (the mode also steers CUDA's: csrc/cuda/launch.h,
-// vendor_gemm): a layer GEMM (forward, dX or dW) may be computed
-// by ATen's GEMM (at::mm -> MKL / oneDNN / OpenBLAS) with fastmlp's own epilogue (bias, ReLU, 1-bit
-// mask) applied after it, where that measures faster than the hand-written kernel.
+// vendor_gemm): a layer GEMM (forward, dX or dW) may be computed by ATen's GEMM (at::mm -> MKL /
+// oneDNN / OpenBLAS) with fastmlp's own epilogue (bias, ReLU, 1-bit mask) applied after it, where
+// that measures faster than fastmlp's kernel.
 //
 // Mode, from $FASTMLP_GEMM at the first layer op or from set_gemm_mode():
 //   fastmlp  always the hand-written kernels (bitwise reproducible run to run);
 //   vendor   ATen's GEMM for every layer GEMM that has one (for comparison and testing);
-//   auto     (default) GEMMs of at least kTuneFlops are timed once per process, both ways, on their
-//            own operands; the faster serves that GEMM from then on. Smaller ones never leave the
-//            hand-written kernels (they must win there on their own; BENCHMARKS.md).
+//   auto     (default) float32/64 GEMMs of at least kTuneFlops are timed once per process, both
+//            ways, on their own operands; the faster serves that GEMM from then on. Smaller ones
+//            never leave the hand-written kernels (they must win there on their own; BENCHMARKS.md).
+//            bfloat16/float16 GEMMs are timed from a lower size (low_precision.cpp).
 // Which way won is recorded per (GEMM kind, dtype, batch rounded down to a power of two, the
 // layer's two widths, threads, ISA) and listed by gemm_choices() (fastmlp.gemm_choices()); the
 // batch is C's rows in the forward and dX GEMMs, the sum's length (inner) in dW. The whole-step
