@@ -94,6 +94,36 @@ def _register_reference(key: str, define: bool) -> None:
     _LIBS.append(lib)
 
 
+def _autocast_cast(value, device_type, dtype):
+    if isinstance(value, torch.Tensor):
+        eligible = value.is_floating_point() and value.dtype != torch.float64 and value.device.type == device_type
+        return value.to(dtype) if eligible else value
+    if isinstance(value, (list, tuple)):
+        return [_autocast_cast(v, device_type, dtype) for v in value]
+    return value
+
+
+def _register_autocast() -> None:
+    """Autocast for the fallback's layer ops and mlp_forward (csrc/autocast.cpp's rule, in Python):
+    under torch.autocast their floating inputs of that device, float64 excepted, are cast to the
+    autocast dtype, then the op runs below autocast, so that its autograd sees the dtypes it computes
+    in."""
+    lib = torch.library.Library("fastmlp", "IMPL")
+    for device_type in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+        for name in ("linear_relu_fwd", "linear_fwd", "mlp_forward"):
+            op = getattr(torch.ops.fastmlp, name).default
+
+            def kernel(_keys, *args, op=op, keyset=keyset, device_type=device_type):
+                dtype = torch.get_autocast_dtype(device_type)
+                with torch._C._ExcludeDispatchKeyGuard(keyset):
+                    return op(*(_autocast_cast(a, device_type, dtype) for a in args))
+
+            lib.impl(name, kernel, key, with_keyset=True)
+    _LIBS.append(lib)
+
+
 if _C is None:
     if not FALLBACK_REASON.startswith("disabled"):
         warnings.warn(
@@ -103,6 +133,7 @@ if _C is None:
             stacklevel=2,
         )
     _register_reference("CompositeExplicitAutograd", define=True)
+    _register_autocast()
     CUDA_KERNELS = False
 else:
     _isa_env = os.environ.get("FASTMLP_CPU_ISA", "")

@@ -291,3 +291,28 @@ def test_cuda_autocast_matches_pytorch_autocast(dtype):
     for i, (g, w, t) in enumerate(zip(got, want, truth)):
         assert g.dtype == w.dtype, i
         assert_close_low(g.cpu(), w.cpu(), t, f"tensor {i}", factor=4.0)
+
+
+def test_autocast_in_the_pure_pytorch_fallback():
+    """Without the extension (FASTMLP_DISABLE_EXTENSION=1) the ops' Python autocast rule casts as the
+    compiled one does, so training under autocast works there too (the fallback's backward needs the
+    dtypes the forward computed in)."""
+    code = (
+        "import torch, fastmlp\n"
+        "assert fastmlp.backend() == 'fallback'\n"
+        "torch.manual_seed(0)\n"
+        "m = fastmlp.FusedMLP((20, 10, 3)); p = m.to_torch()\n"
+        "x = torch.randn(8, 20)\n"
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    y, yp = m(x), p(x)\n"
+        "y.float().sum().backward(); yp.float().sum().backward()\n"
+        "assert y.dtype == torch.bfloat16 and torch.equal(y, yp)\n"
+        "for a, b in zip(m.parameters(), p.parameters()):\n"
+        "    assert a.grad.dtype == torch.float32 and torch.allclose(a.grad, b.grad, rtol=1e-2, atol=1e-3)\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "loss = m.train_step(x, torch.randint(0, 3, (8,)), opt, precision='bf16')\n"
+        "print('ok', float(loss))\n"
+    )
+    env = dict(os.environ, FASTMLP_DISABLE_EXTENSION="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
