@@ -96,7 +96,25 @@ def check_layer(x, w, b, gy, y, gx, gw, gb):
     return out
 
 
-def _ms_per_iter(fn, reps, batch_ms):
+def fastmlp_with_cuda_kernels(prog):
+    """The fastmlp module serving CUDA tensors with its own kernels, TF32 off; None (after saying why
+    on stderr) without a CUDA GPU or without those kernels."""
+    if not torch.cuda.is_available():
+        print(f"{prog}: no CUDA GPU (torch.cuda.is_available() is False); this benchmark needs one", file=sys.stderr)
+        return None
+    os.environ["FASTMLP_CUDA_KERNELS"] = "1"  # read by fastmlp when first imported: its CUDA kernels
+    import fastmlp
+
+    if fastmlp.backend("cuda") != "compiled":
+        print(f"{prog}: the CUDA kernels are not active: {fastmlp.backend_info()}", file=sys.stderr)
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return fastmlp
+
+
+def ms_per_call(fn, reps, batch_ms):
+    """Median ms per call of fn over `reps` batches of calls sized to about batch_ms each, CUDA events
+    around each batch (host overhead counts)."""
     fn()
     torch.cuda.synchronize()
     # Size the batch so that one timed batch takes about batch_ms.
@@ -162,10 +180,10 @@ def _bench_case(m, k, n, dtype, reps, batch_ms):
                mask_flips=check["mask_flips"], elements=check["elements"], problems=check["problems"])
     if check["errors"]:
         return row
-    row["torch_fwd_ms"] = _ms_per_iter(fwd(plain), reps, batch_ms)
-    row["fused_fwd_ms"] = _ms_per_iter(fwd(fused), reps, batch_ms)
-    row["torch_fwdbwd_ms"] = _ms_per_iter(fwd_bwd(plain), reps, batch_ms)
-    row["fused_fwdbwd_ms"] = _ms_per_iter(fwd_bwd(fused), reps, batch_ms)
+    row["torch_fwd_ms"] = ms_per_call(fwd(plain), reps, batch_ms)
+    row["fused_fwd_ms"] = ms_per_call(fwd(fused), reps, batch_ms)
+    row["torch_fwdbwd_ms"] = ms_per_call(fwd_bwd(plain), reps, batch_ms)
+    row["fused_fwdbwd_ms"] = ms_per_call(fwd_bwd(fused), reps, batch_ms)
     flops = 2 * m * k * n
     row["fused_fwd_tflops"] = flops / row["fused_fwd_ms"] / 1e9
     row["fused_fwdbwd_tflops"] = 3 * flops / row["fused_fwdbwd_ms"] / 1e9
@@ -184,16 +202,9 @@ def main(argv=None):
         ap.error(f"--dtypes: unknown {','.join(unknown)} (choose from {','.join(DTYPES)})")
     dtypes = {name: DTYPES[name] for name in args.dtypes.split(",")}
 
-    if not torch.cuda.is_available():
-        print("gpu_bench: no CUDA GPU (torch.cuda.is_available() is False); this benchmark needs one", file=sys.stderr)
+    fastmlp = fastmlp_with_cuda_kernels("gpu_bench")
+    if fastmlp is None:
         return 2
-    os.environ["FASTMLP_CUDA_KERNELS"] = "1"  # read by fastmlp when first imported: its CUDA kernels
-    import fastmlp
-
-    if fastmlp.backend("cuda") != "compiled":
-        print(f"gpu_bench: the CUDA kernels are not active: {fastmlp.backend_info()}", file=sys.stderr)
-        return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  fastmlp {fastmlp.backend_info()}"
           f"  FASTMLP_CUDA_SPLITK={os.environ.get('FASTMLP_CUDA_SPLITK', '0')}")
 

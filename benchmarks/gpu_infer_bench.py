@@ -17,10 +17,12 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_bench import fastmlp_with_cuda_kernels, ms_per_call  # noqa: E402  (a sibling script)
 
 MODELS = {"784-128-64-10": (784, 128, 64, 10), "784-256-10": (784, 256, 10)}
 BATCHES = (1, 8, 64, 65, 1024)
@@ -29,24 +31,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def _ms_per_call(fn, reps, batch_ms):
     with torch.inference_mode():
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            fn()
-        end.record()
-        end.synchronize()
-        iters = max(1, min(5000, int(batch_ms / max(start.elapsed_time(end) / 10, 1e-4))))
-        times = []
-        for _ in range(reps):
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
+        return ms_per_call(fn, reps, batch_ms)
 
 
 def bench_case(name, batch, dtype, reps, batch_ms):
@@ -76,16 +61,9 @@ def main(argv=None):
     ap.add_argument("--batch-ms", type=float, default=10.0)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_infer_bench: no CUDA GPU (torch.cuda.is_available() is False); it needs one", file=sys.stderr)
+    fastmlp = fastmlp_with_cuda_kernels("gpu_infer_bench")
+    if fastmlp is None:
         return 2
-    os.environ["FASTMLP_CUDA_KERNELS"] = "1"  # read by fastmlp when first imported: its CUDA kernels
-    import fastmlp
-
-    if fastmlp.backend("cuda") != "compiled":
-        print(f"gpu_infer_bench: the CUDA kernels are not active: {fastmlp.backend_info()}", file=sys.stderr)
-        return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  fastmlp {fastmlp.backend_info()}")
     rows = [bench_case(m, b, d, args.reps, args.batch_ms) for d in DTYPES.values() for m in MODELS for b in BATCHES]
     print("\nmedian us per forward (x = plain model's time / FusedMLP's; > 1: fastmlp faster)")

@@ -46,6 +46,15 @@ def low_isa(request):
     yield from _select_isa(request.param)
 
 
+@pytest.fixture
+def gemm_mode(request):
+    """fastmlp.set_gemm(request.param) for the test (parametrize it indirectly), "auto" afterwards."""
+    import fastmlp
+    fastmlp.set_gemm(request.param)
+    yield request.param
+    fastmlp.set_gemm("auto")
+
+
 @pytest.fixture(autouse=True)
 def _cuda_tests_use_the_cuda_kernels(request):
     """A test marked `cuda` must be served by fastmlp's compiled CUDA kernels: with a build that lacks

@@ -19,13 +19,6 @@ from _helpers import assert_close_to_truth
 pytestmark = pytest.mark.skipif(fastmlp.backend("cpu") != "compiled", reason="needs the compiled extension")
 
 
-@pytest.fixture
-def gemm_mode(request):
-    fastmlp.set_gemm(request.param)
-    yield request.param
-    fastmlp.set_gemm("auto")
-
-
 @pytest.mark.parametrize("gemm_mode", ["vendor"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -14,6 +14,7 @@ from torch import nn
 
 import fastmlp
 from fastmlp._reference import pack_bits
+from test_parity import _pair
 
 ops = torch.ops.fastmlp
 LOW = [torch.bfloat16, torch.float16]
@@ -30,13 +31,6 @@ def assert_close_low(ours, theirs, truth, name, factor=2.0):
     ours_err = (ours.double() - truth).abs().max().item()
     tol = factor * theirs_err + 2.0**-10 * max(truth.abs().max().item(), 1e-30)
     assert ours_err <= tol, f"{name}: max error {ours_err:.3g} vs PyTorch's {theirs_err:.3g} (tol {tol:.3g})"
-
-
-def _pair(fan_in, fan_out, bias, relu, dtype):
-    ref = nn.Linear(fan_in, fan_out, bias=bias, dtype=dtype)
-    ours = (fastmlp.FusedLinearReLU if relu else fastmlp.Linear)(fan_in, fan_out, bias=bias, dtype=dtype)
-    ours.load_state_dict(ref.state_dict())
-    return ours, (nn.Sequential(ref, nn.ReLU()) if relu else ref)
 
 
 def _run(module, x, gy, autocast=None):
@@ -65,7 +59,7 @@ SHAPES = [  # (input shape, out): K tails, N = 1 / 10 / 257, batch 1, an empty b
 def test_low_precision_layers_match_nn_linear(low_isa, dtype, shape, relu, bias):
     shape_in, fan_out = shape
     torch.manual_seed(fan_out)
-    ours, ref = _pair(shape_in[-1], fan_out, bias, relu, dtype)
+    ours, ref = _pair(shape_in[-1], fan_out, bias, relu, dtype, "cpu")
     x = torch.randn(shape_in, dtype=dtype)
     gy = torch.randn(*shape_in[:-1], fan_out, dtype=dtype)
     got, want = _run(ours, x, gy), _run(ref, x, gy)
@@ -75,24 +69,18 @@ def test_low_precision_layers_match_nn_linear(low_isa, dtype, shape, relu, bias)
         assert_close_low(g, w, t, n)
 
 
-@pytest.fixture
-def vendor_gemm():
-    fastmlp.set_gemm("vendor")
-    yield
-    fastmlp.set_gemm("auto")
-
-
 @pytest.mark.skipif(fastmlp.backend("cpu") != "compiled", reason="needs the compiled extension")
+@pytest.mark.parametrize("gemm_mode", ["vendor"], indirect=True)
 @pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES[:5], ids=lambda s: f"{'x'.join(map(str, s[0]))}-{s[1]}")
 @pytest.mark.parametrize("relu", [True, False], ids=["linear_relu", "linear"])
-def test_vendor_gemm_is_pytorchs_layer_bit_for_bit(vendor_gemm, dtype, shape, relu):
+def test_vendor_gemm_is_pytorchs_layer_bit_for_bit(gemm_mode, dtype, shape, relu):
     """With ATen's low-precision GEMM (FASTMLP_GEMM=vendor), output, input and weight gradients equal
     nn.Linear + nn.ReLU's in that dtype bit for bit (fastmlp's ReLU + mask pass is exact); the bias
     gradient, summed in float32 in another order, within its rounding."""
     shape_in, fan_out = shape
     torch.manual_seed(fan_out)
-    ours, ref = _pair(shape_in[-1], fan_out, True, relu, dtype)
+    ours, ref = _pair(shape_in[-1], fan_out, True, relu, dtype, "cpu")
     x, gy = torch.randn(shape_in, dtype=dtype), torch.randn(*shape_in[:-1], fan_out, dtype=dtype)
     got, want = _run(ours, x, gy), _run(ref, x, gy)
     for g, w, n in zip(got[:3], want[:3], NAMES):
@@ -106,7 +94,7 @@ def test_vendor_gemm_is_pytorchs_layer_bit_for_bit(vendor_gemm, dtype, shape, re
 @pytest.mark.parametrize("relu", [True, False], ids=["linear_relu", "linear"])
 def test_non_contiguous_bf16_input(low_isa, relu):
     torch.manual_seed(3)
-    ours, ref = _pair(96, 40, True, relu, torch.bfloat16)
+    ours, ref = _pair(96, 40, True, relu, torch.bfloat16, "cpu")
     x = torch.randn(80, 2 * 96, dtype=torch.bfloat16)[:, ::2]
     gy = torch.randn(80, 40, dtype=torch.bfloat16)
     truth = _run(copy.deepcopy(ref).double(), x.double(), gy.double())
@@ -126,7 +114,7 @@ def test_bf16_relu_at_exact_zero_and_mask(low_isa):
     assert (z == 0).sum() > 50
     assert torch.equal(y, z.relu()) and torch.equal(mask, pack_bits(y > 0))
     gy = torch.randint(-3, 4, (50, 40)).bfloat16()
-    ours, ref = _pair(24, 40, True, True, torch.bfloat16)
+    ours, ref = _pair(24, 40, True, True, torch.bfloat16, "cpu")
     with torch.no_grad():
         ref[0].weight.copy_(w), ref[0].bias.copy_(b), ours.weight.copy_(w), ours.bias.copy_(b)
     for g, want in zip(_run(ours, x, gy), _run(ref, x, gy)):

@@ -8,7 +8,16 @@
 #include <optional>
 #include <tuple>
 
+#include "checks.h"
+
 namespace fastmlp::cpu {
+
+// The dtypes the CPU layer ops and mlp_forward accept.
+inline constexpr DtypeRule kCpuDtypes{[](at::ScalarType t) {
+                                        return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 ||
+                                               t == at::kHalf;
+                                      },
+                                      "float32, float64, bfloat16 or float16 on the CPU"};
 
 // float32 / float64 on the hand-written kernels (or the vendor GEMM where gemm_choice.h picks it).
 // forward: (relu(x @ w.T + b) or x @ w.T + b, the ReLU mask or undefined); x (M, K), w (N, K).

@@ -19,11 +19,6 @@ namespace {
 
 using at::Tensor;
 
-constexpr DtypeRule kDtypes{[](at::ScalarType t) {
-                              return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-                            },
-                            "float32, float64, bfloat16 or float16 on the CPU"};
-
 Tensor unused(const Tensor& like) { return at::empty({0}, like.options()); }
 
 template <typename T>
@@ -84,19 +79,19 @@ std::tuple<Tensor, Tensor, Tensor> any_backward(const Tensor& gy, const Tensor& 
 }
 
 std::tuple<Tensor, Tensor> linear_relu_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
-  check_linear_args("fastmlp::linear_relu_fwd", x, w, b, kDtypes);
+  check_linear_args("fastmlp::linear_relu_fwd", x, w, b, kCpuDtypes);
   return any_forward(x, w, b, true);
 }
 
 Tensor linear_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
-  check_linear_args("fastmlp::linear_fwd", x, w, b, kDtypes);
+  check_linear_args("fastmlp::linear_fwd", x, w, b, kCpuDtypes);
   return std::get<0>(any_forward(x, w, b, false));
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_relu_bwd(const Tensor& gy, const Tensor& x, const Tensor& w,
                                                    const Tensor& mask, std::array<bool, 3> needs) {
   constexpr const char* op = "fastmlp::linear_relu_bwd";
-  check_grad_args(op, gy, x, w, kDtypes);
+  check_grad_args(op, gy, x, w, kCpuDtypes);
   check_mask(op, mask, x, w);
   const Tensor m = mask.contiguous();
   return any_backward(gy, x, w, &m, needs);
@@ -104,7 +99,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_bwd(const Tensor& gy, const Tenso
 
 std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& gy, const Tensor& x, const Tensor& w,
                                               std::array<bool, 3> needs) {
-  check_grad_args("fastmlp::linear_bwd", gy, x, w, kDtypes);
+  check_grad_args("fastmlp::linear_bwd", gy, x, w, kCpuDtypes);
   return any_backward(gy, x, w, nullptr, needs);
 }
 

@@ -126,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor> low_precision_backward(const Tensor& gy_, con
   const AmxKernels* amx = dtype == at::kBFloat16 ? active_kernels().amx : nullptr;
   if (needs[0]) {  // gx = dz @ w
     auto ours = [&] {
-      if (amx) gx = std::get<0>(amx_linear_backward(*amx, dz32, x, w, nullptr, {true, false, false}));
+      if (amx) gx = amx_grad_input(*amx, dz32, w);
       else gx = std::get<0>(float_backward(dz32, x_wide(), w_wide(), nullptr, {true, false, false})).to(dtype);
     };
     if (M == 0 || K == 0) ours();
@@ -134,7 +134,7 @@ std::tuple<Tensor, Tensor, Tensor> low_precision_backward(const Tensor& gy_, con
   }
   if (needs[1]) {  // gw = dz.T @ x (zeros for an empty batch)
     auto ours = [&] {
-      if (amx) gw = std::get<1>(amx_linear_backward(*amx, dz32, x, w, nullptr, {false, true, false}));
+      if (amx) gw = amx_grad_weight(*amx, dz32, x);
       else gw = std::get<1>(float_backward(dz32, x_wide(), w_wide(), nullptr, {false, true, false})).to(dtype);
     };
     if (N == 0 || K == 0 || M == 0) ours();

@@ -21,10 +21,6 @@ namespace {
 using at::Tensor;
 
 constexpr const char* kOp = "fastmlp::mlp_forward";
-constexpr DtypeRule kDtypes{[](at::ScalarType t) {
-                              return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-                            },
-                            "float32, float64, bfloat16 or float16 on the CPU"};
 
 template <typename T>
 Tensor forward(const Tensor& x2, at::TensorList weights, at::TensorList biases, bool relu_last,
@@ -63,7 +59,7 @@ Tensor forward(const Tensor& x2, at::TensorList weights, at::TensorList biases, 
 }
 
 Tensor mlp_forward(const Tensor& x, at::TensorList weights, at::TensorList biases, bool relu_last) {
-  check_mlp_forward_args(kOp, x, weights, biases, kDtypes);
+  check_mlp_forward_args(kOp, x, weights, biases, kCpuDtypes);
   const int64_t K = x.size(-1);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   int64_t M = 1;
