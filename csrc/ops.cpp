@@ -18,25 +18,28 @@
 // empty (no bias). Not differentiable: with grad mode on and an input that requires grad it raises.
 //
 //   mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay,
-//                lr_scale=None) -> loss
+//                lr_scale=None, bf16=False) -> loss
 // one training step of the MLP relu(...relu(x @ w0.T + b0)...) @ wL.T + bL with mean softmax
 // cross-entropy against `target` (int64 class indices), updating weights, biases and their momentum
 // buffers in place exactly as torch.optim.SGD(lr, momentum, weight_decay) does after backward().
 // biases may be empty (no bias); the buffer lists may be empty when momentum == 0. lr_scale, if
 // given, is a one-element tensor of x's dtype and device: the learning rate is then lr * lr_scale,
 // read where the step runs (on the GPU, so a CUDA-graph-captured step can follow an LR schedule).
+// bf16=True (CPU, float32 tensors): the step in torch.autocast(bfloat16) arithmetic, the parameters
+// and optimizer state staying float32: every GEMM operand and result rounded to bfloat16, float32
+// sums, loss and update (see csrc/cpu/mlp_step.cpp).
 //
 //   mlp_adam_step(x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
-//                 weight_decay, decoupled_weight_decay=False, lr_scale=None) -> loss
+//                 weight_decay, decoupled_weight_decay=False, lr_scale=None, bf16=False) -> loss
 // the same step with torch.optim.Adam's update (AdamW's with decoupled_weight_decay; no AMSGrad).
 // exp_avgs, exp_avg_sqs and steps hold one tensor per parameter, the weights first, then the
 // biases; steps are Adam's one-element state['step'] counts, all on the CPU or all on x's device
 // (Adam(capturable=True)), each incremented by the step and used for its bias corrections.
 //
 //   mlp_sgd_steps(x, target, batch_size, weights, biases, weight_bufs, bias_bufs, lrs, momentum,
-//                 weight_decay) -> losses
+//                 weight_decay, bf16=False) -> losses
 //   mlp_adam_steps(x, target, batch_size, weights, biases, exp_avgs, exp_avg_sqs, steps, lrs, beta1,
-//                  beta2, eps, weight_decay, decoupled_weight_decay=False) -> losses
+//                  beta2, eps, weight_decay, decoupled_weight_decay=False, bf16=False) -> losses
 // ceil(len(x) / batch_size) steps, one after another, over the consecutive batches of batch_size
 // rows of x (the last one shorter when batch_size does not divide len(x)): step s is the step above
 // on x[s * batch_size : (s + 1) * batch_size] with learning rate lrs[s] (one per step). Returns the
@@ -67,18 +70,20 @@ TORCH_LIBRARY(fastmlp, m) {
   m.def(
       "mlp_sgd_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
       "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float lr, float momentum, float weight_decay, "
-      "Tensor? lr_scale=None) -> Tensor");
+      "Tensor? lr_scale=None, bool bf16=False) -> Tensor");
   m.def(
       "mlp_adam_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
       "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, bool decoupled_weight_decay=False, Tensor? lr_scale=None) -> Tensor");
+      "float eps, float weight_decay, bool decoupled_weight_decay=False, Tensor? lr_scale=None, bool bf16=False) "
+      "-> Tensor");
   m.def(
       "mlp_sgd_steps(Tensor x, Tensor target, int batch_size, Tensor(a!)[] weights, Tensor(b!)[] biases, "
-      "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float[] lrs, float momentum, float weight_decay) -> Tensor");
+      "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float[] lrs, float momentum, float weight_decay, "
+      "bool bf16=False) -> Tensor");
   m.def(
       "mlp_adam_steps(Tensor x, Tensor target, int batch_size, Tensor(a!)[] weights, Tensor(b!)[] biases, "
       "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float[] lrs, float beta1, float beta2, "
-      "float eps, float weight_decay, bool decoupled_weight_decay=False) -> Tensor");
+      "float eps, float weight_decay, bool decoupled_weight_decay=False, bool bf16=False) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

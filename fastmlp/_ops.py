@@ -31,16 +31,18 @@ SCHEMAS = {
     "mlp_forward": "mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, bool relu_last=False) -> Tensor",
     "mlp_sgd_step": "mlp_sgd_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
     "Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float lr, float momentum, float weight_decay, "
-    "Tensor? lr_scale=None) -> Tensor",
+    "Tensor? lr_scale=None, bool bf16=False) -> Tensor",
     "mlp_adam_step": "mlp_adam_step(Tensor x, Tensor target, Tensor(a!)[] weights, Tensor(b!)[] biases, "
     "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
-    "float eps, float weight_decay, bool decoupled_weight_decay=False, Tensor? lr_scale=None) -> Tensor",
+    "float eps, float weight_decay, bool decoupled_weight_decay=False, Tensor? lr_scale=None, bool bf16=False) "
+    "-> Tensor",
     "mlp_sgd_steps": "mlp_sgd_steps(Tensor x, Tensor target, int batch_size, Tensor(a!)[] weights, "
     "Tensor(b!)[] biases, Tensor(c!)[] weight_bufs, Tensor(d!)[] bias_bufs, float[] lrs, float momentum, "
-    "float weight_decay) -> Tensor",
+    "float weight_decay, bool bf16=False) -> Tensor",
     "mlp_adam_steps": "mlp_adam_steps(Tensor x, Tensor target, int batch_size, Tensor(a!)[] weights, "
     "Tensor(b!)[] biases, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float[] lrs, "
-    "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay=False) -> Tensor",
+    "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay=False, bool bf16=False) "
+    "-> Tensor",
 }
 _REFERENCE = {
     "linear_relu_fwd": ref.linear_relu_fwd,
@@ -211,13 +213,13 @@ def _(x, weights, biases, relu_last=False):
 
 
 @torch.library.register_fake("fastmlp::mlp_sgd_step")
-def _(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay, lr_scale=None):
+def _(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay, lr_scale=None, bf16=False):
     return x.new_empty(())
 
 
 @torch.library.register_fake("fastmlp::mlp_adam_step")
 def _(x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-      decoupled_weight_decay=False, lr_scale=None):
+      decoupled_weight_decay=False, lr_scale=None, bf16=False):
     return x.new_empty(())
 
 
@@ -228,13 +230,13 @@ def _steps_fake(x, batch_size, lrs):
 
 
 @torch.library.register_fake("fastmlp::mlp_sgd_steps")
-def _(x, target, batch_size, weights, biases, weight_bufs, bias_bufs, lrs, momentum, weight_decay):
+def _(x, target, batch_size, weights, biases, weight_bufs, bias_bufs, lrs, momentum, weight_decay, bf16=False):
     return _steps_fake(x, batch_size, lrs)
 
 
 @torch.library.register_fake("fastmlp::mlp_adam_steps")
 def _(x, target, batch_size, weights, biases, exp_avgs, exp_avg_sqs, steps, lrs, beta1, beta2, eps, weight_decay,
-      decoupled_weight_decay=False):
+      decoupled_weight_decay=False, bf16=False):
     return _steps_fake(x, batch_size, lrs)
 
 

@@ -87,12 +87,21 @@ def _check_step(op, x, target, weights, lr, lr_scale):
     return lr
 
 
-def _loss_and_grads(x, target, weights, biases):
-    """Forward, mean cross-entropy and backward of the MLP: (loss, weight grads, bias grads)."""
+def _round_bf16(t):
+    """t rounded to bfloat16, in t's dtype."""
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+def _loss_and_grads(x, target, weights, biases, bf16=False):
+    """Forward, mean cross-entropy and backward of the MLP: (loss, weight grads, bias grads). bf16:
+    autocast's bfloat16 arithmetic (every GEMM operand and result rounded to bfloat16; the loss, its
+    gradient's softmax and the returned gradients' dtype float32)."""
+    r = _round_bf16 if bf16 else (lambda t: t)
     n_layers = len(weights)
-    inputs, masks = [x], []
+    weights, biases = [r(w) for w in weights], [r(b) for b in biases]
+    inputs, masks = [r(x)], []
     for i, w in enumerate(weights):
-        z = torch.nn.functional.linear(inputs[-1], w, biases[i] if biases else None)
+        z = r(torch.nn.functional.linear(inputs[-1], w, biases[i] if biases else None))
         if i + 1 < n_layers:
             masks.append(z > 0)
             z = torch.relu(z)
@@ -101,21 +110,28 @@ def _loss_and_grads(x, target, weights, biases):
     loss = torch.nn.functional.cross_entropy(logits, target)
     dz = torch.softmax(logits, dim=1)
     dz[torch.arange(len(target), device=x.device), target] -= 1
-    dz /= len(target)
+    dz = r(dz / len(target))
     gws, gbs = [None] * n_layers, [None] * n_layers
     for i in reversed(range(n_layers)):
-        gws[i] = dz.t() @ inputs[i]
-        gbs[i] = dz.sum(0)
+        gws[i] = r(dz.t() @ inputs[i])
+        gbs[i] = r(dz.sum(0))
         if i > 0:
-            dz = (dz @ weights[i]) * masks[i - 1]
+            dz = r(dz @ weights[i]) * masks[i - 1]
     return loss, gws, gbs if biases else []
 
 
-def mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay, lr_scale=None):
+def _check_bf16(op, x, bf16):
+    if bf16 and x.dtype != torch.float32:
+        raise RuntimeError(f"fastmlp::{op}: bf16=True needs float32 x and parameters, got {x.dtype}")
+
+
+def mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay, lr_scale=None,
+                 bf16=False):
     """Forward, mean cross-entropy, backward and torch.optim.SGD's update, all in place."""
     lr = _check_step("mlp_sgd_step", x, target, weights, lr, lr_scale)
+    _check_bf16("mlp_sgd_step", x, bf16)
     with torch.no_grad():
-        loss, gws, gbs = _loss_and_grads(x, target, weights, biases)
+        loss, gws, gbs = _loss_and_grads(x, target, weights, biases, bf16)
         bufs = list(weight_bufs) + list(bias_bufs) if momentum else [None] * (len(gws) + len(gbs))
         for param, grad, buf in zip(list(weights) + list(biases), gws + gbs, bufs):
             grad = grad.add(param, alpha=weight_decay) if weight_decay else grad
@@ -126,11 +142,12 @@ def mlp_sgd_step(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentu
 
 
 def mlp_adam_step(x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                  decoupled_weight_decay=False, lr_scale=None):
+                  decoupled_weight_decay=False, lr_scale=None, bf16=False):
     """Forward, mean cross-entropy, backward and torch.optim.Adam's (or AdamW's) update, all in place."""
     lr = _check_step("mlp_adam_step", x, target, weights, lr, lr_scale)
+    _check_bf16("mlp_adam_step", x, bf16)
     with torch.no_grad():
-        loss, gws, gbs = _loss_and_grads(x, target, weights, biases)
+        loss, gws, gbs = _loss_and_grads(x, target, weights, biases, bf16)
         for param, grad, m, v, step in zip(list(weights) + list(biases), gws + gbs, exp_avgs, exp_avg_sqs, steps):
             step.add_(1)
             t = float(step)
@@ -146,13 +163,14 @@ def mlp_adam_step(x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, 
         return loss
 
 
-def _check_batches(op, x, target, weights, batch_size, lrs):
+def _check_batches(op, x, target, weights, batch_size, lrs, bf16):
     """The *_steps ops' checks before the first step: returns the batches' row ranges."""
     if batch_size < 1:
         raise RuntimeError(f"fastmlp::{op}: batch_size must be >= 1, got {batch_size}")
     n = x.shape[0]
     if n == 0:
         raise RuntimeError(f"fastmlp::{op}: x must hold at least one sample")
+    _check_bf16(op, x, bf16)
     count = -(-n // batch_size)
     if len(lrs) != count:
         raise RuntimeError(f"fastmlp::{op}: lrs must hold one learning rate per step ({count} batches of "
@@ -163,18 +181,20 @@ def _check_batches(op, x, target, weights, batch_size, lrs):
     return [(s * batch_size, min(n, (s + 1) * batch_size)) for s in range(count)]
 
 
-def mlp_sgd_steps(x, target, batch_size, weights, biases, weight_bufs, bias_bufs, lrs, momentum, weight_decay):
+def mlp_sgd_steps(x, target, batch_size, weights, biases, weight_bufs, bias_bufs, lrs, momentum, weight_decay,
+                  bf16=False):
     """mlp_sgd_step on each consecutive batch of batch_size rows of x, step s at learning rate lrs[s]."""
-    batches = _check_batches("mlp_sgd_steps", x, target, weights, batch_size, lrs)
+    batches = _check_batches("mlp_sgd_steps", x, target, weights, batch_size, lrs, bf16)
     losses = [mlp_sgd_step(x[lo:hi], target[lo:hi], weights, biases, weight_bufs, bias_bufs, lr, momentum,
-                           weight_decay) for (lo, hi), lr in zip(batches, lrs)]
+                           weight_decay, bf16=bf16) for (lo, hi), lr in zip(batches, lrs)]
     return torch.stack(losses)
 
 
 def mlp_adam_steps(x, target, batch_size, weights, biases, exp_avgs, exp_avg_sqs, steps, lrs, beta1, beta2, eps,
-                   weight_decay, decoupled_weight_decay=False):
+                   weight_decay, decoupled_weight_decay=False, bf16=False):
     """mlp_adam_step on each consecutive batch of batch_size rows of x, step s at learning rate lrs[s]."""
-    batches = _check_batches("mlp_adam_steps", x, target, weights, batch_size, lrs)
+    batches = _check_batches("mlp_adam_steps", x, target, weights, batch_size, lrs, bf16)
     losses = [mlp_adam_step(x[lo:hi], target[lo:hi], weights, biases, exp_avgs, exp_avg_sqs, steps, lr, beta1,
-                            beta2, eps, weight_decay, decoupled_weight_decay) for (lo, hi), lr in zip(batches, lrs)]
+                            beta2, eps, weight_decay, decoupled_weight_decay, bf16=bf16)
+              for (lo, hi), lr in zip(batches, lrs)]
     return torch.stack(losses)

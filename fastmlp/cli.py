@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_non_negative_int)
     t.add_argument("--backend", choices=BACKENDS, help="fused: fastmlp kernels (default); torch: nn.Linear+nn.ReLU")
     t.add_argument("--precision", choices=PRECISIONS,
-                   help="fp32 (default), or bf16: the model under torch.autocast(bfloat16) (float32 weights, "
-                        "optimizer state and loss; AMX tiles where the CPU has them), for either backend")
+                   help="fp32 (default), or bf16: torch.autocast(bfloat16)'s arithmetic (bfloat16 GEMM operands and "
+                        "results, float32 sums, weights, optimizer state and loss), for either backend; fused on the "
+                        "CPU: in the whole-step op")
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--root", type=Path, help="dataset root holding MNIST/raw/ or FashionMNIST/raw/ "
                                              "(default: $FASTMLP_DATA, then ./data)")

@@ -130,14 +130,16 @@ class FusedMLP(nn.Sequential):
         """sgd_step or adam_step, as `optimizer` (torch.optim.SGD, Adam or AdamW) calls for.
 
         precision="bf16": mixed precision, float32 weights and optimizer state, bfloat16 GEMM operands
-        with float32 sums (AMX tiles where the CPU has them), float32 softmax, loss and update; the
-        same arithmetic as the plain model's step under torch.autocast("cpu"/"cuda", torch.bfloat16)
-        with the loss taken on float32 logits. It runs the fused layers under autocast with autograd
-        and then optimizer.step() (so .grad is written): not yet one op."""
+        with float32 sums, float32 softmax, loss and update; the arithmetic of the plain model's step
+        under torch.autocast("cpu"/"cuda", torch.bfloat16) with the loss taken on float32 logits. On
+        the CPU (float32 model) one op, like the float32 step (the op's bf16=True); on a GPU the fused
+        layers under autocast with autograd, then optimizer.step() (which writes .grad)."""
         kind = step_kind(optimizer, "FusedMLP.train_step")
         if _precision(precision, "FusedMLP.train_step") == "bf16":
             self._check_input("train_step", x)
-            return self._autocast_step(x, target, optimizer)
+            if x.device.type != "cpu":
+                return self._autocast_step(x, target, optimizer)
+            return _without_grad(bind(self, optimizer, kind).step, x, target, None, None, True)
         return getattr(self, f"{kind}_step")(x, target, optimizer)
 
     def _autocast_step(self, x, target, optimizer):
@@ -162,7 +164,7 @@ class FusedMLP(nn.Sequential):
         but on the CPU without the Python, dispatch and allocation around each step (~10% of a
         784-128-64-10 step of batch 64). The optimizer's lr is left as it was. Every label is checked
         before the first step. Returns the steps' losses, shape (steps,). precision="bf16": train_step's
-        mixed precision, one step after another (not one op)."""
+        mixed precision (one op on the CPU; on a GPU one autocast step after another)."""
         kind = step_kind(optimizer, "FusedMLP.train_steps")
         bf16 = _precision(precision, "FusedMLP.train_steps") == "bf16"
         self._check_input("train_steps", x)
@@ -177,9 +179,9 @@ class FusedMLP(nn.Sequential):
         if len(lrs) != count:
             raise ValueError(
                 f"FusedMLP.train_steps: lrs must hold one learning rate per step ({count}), got {len(lrs)}")
-        if bf16:
+        if bf16 and x.device.type != "cpu":
             return self._autocast_steps(x, target, optimizer, batch_size, lrs)
-        return _without_grad(args.steps, x, target, batch_size, lrs)
+        return _without_grad(args.steps, x, target, batch_size, lrs, bf16)
 
     def _autocast_steps(self, x, target, optimizer, batch_size, lrs):
         if not ((target >= 0) & (target < self.sizes[-1])).all():  # as the fused op: before any step

@@ -49,14 +49,20 @@ class StepArgs:
     def tensor_lists(self) -> tuple:
         return (self.weights, self.biases, *self.state)
 
-    def step(self, x, target, lr=None, lr_scale=None):
-        """One step on (x, target) at learning rate `lr` (default: the optimizer's) times lr_scale."""
+    def step(self, x, target, lr=None, lr_scale=None, bf16=False):
+        """One step on (x, target) at learning rate `lr` (default: the optimizer's) times lr_scale, in
+        bfloat16 arithmetic when bf16 (the op's bf16 argument)."""
         op = torch.ops.fastmlp.mlp_sgd_step if self.kind == "sgd" else torch.ops.fastmlp.mlp_adam_step
-        return op(x, target, *self.tensor_lists, self.lr if lr is None else lr, *self.hyper, lr_scale=lr_scale)
+        lr = self.lr if lr is None else lr
+        if bf16:
+            return op(x, target, *self.tensor_lists, lr, *self.hyper, lr_scale=lr_scale, bf16=True)
+        return op(x, target, *self.tensor_lists, lr, *self.hyper, lr_scale=lr_scale)
 
-    def steps(self, x, target, batch_size, lrs):
+    def steps(self, x, target, batch_size, lrs, bf16=False):
         """One step per consecutive batch of batch_size rows, step s at lrs[s]."""
         op = torch.ops.fastmlp.mlp_sgd_steps if self.kind == "sgd" else torch.ops.fastmlp.mlp_adam_steps
+        if bf16:
+            return op(x, target, batch_size, *self.tensor_lists, list(lrs), *self.hyper, bf16=True)
         return op(x, target, batch_size, *self.tensor_lists, list(lrs), *self.hyper)
 
     def graph_key(self) -> tuple:

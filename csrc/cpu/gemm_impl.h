@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -52,6 +53,12 @@ struct GemmImpl {
   using reg = typename V::reg;
   static constexpr int L = V::L;
   static constexpr int NRW = NRV * L;  // columns of one packed panel / one micro-tile
+  // bfloat16 rounding (Gemm::round_bf16, Update::shadow) exists for float32 only.
+  static constexpr bool kRounds = std::is_same_v<T, float>;
+  __attribute__((always_inline)) static reg round_bf16(reg v) {
+    if constexpr (kRounds) return V::round_bf16(v);
+    else return v;
+  }
   static_assert(NRW % 8 == 0 && NRW <= 64, "a tile's mask bits must fill whole bytes of a uint64");
 
   struct Tile {
@@ -67,6 +74,7 @@ struct GemmImpl {
     bool final;       // last KC block: apply the epilogue
     const T* bias;    // bias + j0, or null
     bool relu;
+    bool round;     // round the finished sums to bfloat16
     uint8_t* mask;  // mask row i0, byte j0 / 8
     int64_t ldm;
     const uint8_t* mask_in;  // input-mask row i0 (bit offset: column j0)
@@ -131,6 +139,7 @@ struct GemmImpl {
         if (t.final) {
           if (t.bias) v = V::add(v, load_upto(t.bias + q * L, n));
           if (t.mask_in) v = V::keep_bits(uint32_t(in_bits >> (q * L)), v);
+          if (t.round) v = round_bf16(v);
           if (t.relu) {
             bits |= uint64_t(V::gt0_bits(v) & low_bits(n)) << (q * L);
             v = V::relu(v);
@@ -160,10 +169,11 @@ struct GemmImpl {
           one_minus_beta2(V::bcast(u_.one_minus_beta2)), eps(V::bcast(u_.eps)), bc2_sqrt(V::bcast(u_.bc2_sqrt)),
           neg_step(V::bcast(-u_.step_size)), decay_factor(V::bcast(u_.decay_factor)) {}
 
-    // n <= L elements (all L when FULL) at p / b / b2 from the gradient vector d.
-    template <UpdateKind K, bool OPT_A, bool OPT_B, bool FULL>
-    __attribute__((always_inline)) void apply(T* __restrict p_, T* __restrict b, T* __restrict b2, int n,
-                                              reg d) const {
+    // n <= L elements (all L when FULL) at p / b / b2 from the gradient vector d; with SHADOW the new
+    // values rounded to bfloat16 to sh as well.
+    template <UpdateKind K, bool OPT_A, bool OPT_B, bool SHADOW, bool FULL>
+    __attribute__((always_inline)) void apply(T* __restrict p_, T* __restrict b, T* __restrict b2,
+                                              T* __restrict sh, int n, reg d) const {
       const int m = FULL ? L : n;
       reg p = load_upto(p_, m);
       if constexpr (K == UpdateKind::kSgd) {  // OPT_A: weight decay, OPT_B: momentum
@@ -172,7 +182,7 @@ struct GemmImpl {
           d = V::fma(momentum, load_upto(b, m), d);
           store_upto(b, d, m);
         }
-        store_upto(p_, V::fma(neg_lr, d, p), m);
+        p = V::fma(neg_lr, d, p);
       } else {  // OPT_A: weight decay, OPT_B: decoupled (AdamW)
         if constexpr (OPT_A && OPT_B) p = V::mul(p, decay_factor);
         if constexpr (OPT_A && !OPT_B) d = V::fma(decay, p, d);
@@ -182,22 +192,26 @@ struct GemmImpl {
         store_upto(b, mv, m);
         store_upto(b2, v, m);
         const reg denom = V::add(V::div(V::sqrt(v), bc2_sqrt), eps);
-        store_upto(p_, V::fma(neg_step, V::div(mv, denom), p), m);
+        p = V::fma(neg_step, V::div(mv, denom), p);
       }
+      store_upto(p_, p, m);
+      if constexpr (SHADOW) store_upto(sh, round_bf16(p), m);
     }
 
     // Elements [at, at + count) of the tensors from the gradient g (g[0] for element at).
-    template <UpdateKind K, bool OPT_A, bool OPT_B>
+    template <UpdateKind K, bool OPT_A, bool OPT_B, bool SHADOW>
     void row(int64_t at, int64_t count, const T* __restrict g) const {
       T* __restrict p = u.param + at;
       T* __restrict b = u.buf ? u.buf + at : nullptr;
       T* __restrict b2 = u.buf2 ? u.buf2 + at : nullptr;
+      T* __restrict sh = SHADOW ? u.shadow + at : nullptr;
+      auto off = [](T* q, int64_t j) { return q ? q + j : nullptr; };
       int64_t j = 0;
       for (; j + L <= count; j += L)
-        apply<K, OPT_A, OPT_B, true>(p + j, b ? b + j : nullptr, b2 ? b2 + j : nullptr, L, V::load(g + j));
+        apply<K, OPT_A, OPT_B, SHADOW, true>(p + j, off(b, j), off(b2, j), off(sh, j), L, V::load(g + j));
       if (j < count) {
         const int n = int(count - j);
-        apply<K, OPT_A, OPT_B, false>(p + j, b ? b + j : nullptr, b2 ? b2 + j : nullptr, n, V::load_n(g + j, n));
+        apply<K, OPT_A, OPT_B, SHADOW, false>(p + j, off(b, j), off(b2, j), off(sh, j), n, V::load_n(g + j, n));
       }
     }
   };
@@ -206,7 +220,12 @@ struct GemmImpl {
   static void update_rows_as(const Gemm<T>& g, int64_t i0, int64_t rows, int64_t c0, int64_t c1, const T* grad,
                              int64_t ldg) {
     const Updater up(g.update);
-    for (int64_t r = 0; r < rows; ++r) up.template row<K, OPT_A, OPT_B>((i0 + r) * g.ldc + c0, c1 - c0, grad + r * ldg);
+    const bool shadow = kRounds && g.update.shadow != nullptr;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = (i0 + r) * g.ldc + c0;
+      if (shadow) up.template row<K, OPT_A, OPT_B, kRounds>(at, c1 - c0, grad + r * ldg);
+      else up.template row<K, OPT_A, OPT_B, false>(at, c1 - c0, grad + r * ldg);
+    }
   }
 
   // The update for rows [i0, i0 + rows) x cols [c0, c1) of a parameter shaped like C, from the
@@ -345,6 +364,7 @@ struct GemmImpl {
         const int64_t j = j0 + q * L;
         reg v = load_upto(c + j, m);
         if (g.bias) v = V::add(v, load_upto(g.bias + j, m));
+        if (g.round_bf16) v = round_bf16(v);
         if (g.relu) {
           bits |= uint64_t(V::gt0_bits(v) & low_bits(m)) << (q * L);
           v = V::relu(v);
@@ -373,7 +393,7 @@ struct GemmImpl {
         for (int r = 0; r < rows; ++r)
           for (int q = 0; q < nq; ++q) g.c[(i0 + r) * g.ldc + j0 + q] = sums[r * DQ + q];
       }
-      if (g.bias || g.relu)
+      if (g.bias || g.relu || g.round_bf16)
         for (int r = 0; r < rows; ++r) finish_row(g, i0 + r, c0, c1);
     }
   }
@@ -409,7 +429,7 @@ struct GemmImpl {
         for (int p = 0; p < KI; ++p) v = V::fma(a[p], load_upto(g.b + p * g.b_rs + j, n), v);
         store_upto(c + j, v, n);
       }
-      if (g.bias || g.relu) finish_row(g, i, c0, c1);
+      if (g.bias || g.relu || g.round_bf16) finish_row(g, i, c0, c1);
     }
   }
 
@@ -453,6 +473,7 @@ struct GemmImpl {
     t.a_cs = pack_a_block ? MR : g.a_cs;
     t.ldc = strips ? strip_ld : g.ldc;
     t.relu = g.relu;
+    t.round = g.round_bf16;
     t.ldm = g.ldm;
     t.ldm_in = g.ldm_in;
     // A short packed A block (dW at small batch: inner = batch) is kept to 16 KiB, so it stays in
@@ -526,12 +547,19 @@ struct GemmImpl {
     }
   }
 
+  static void round_copy(const T* src, T* dst, int64_t n) {
+    int64_t j = 0;
+    for (; j + L <= n; j += L) V::store(dst + j, round_bf16(V::load(src + j)));
+    if (j < n) V::store_n(dst + j, round_bf16(V::load_n(src + j, int(n - j))), int(n - j));
+  }
+
   static KernelTable<T> table() {
     KernelTable<T> k;
     k.gemm_block = &gemm_block;
     k.drelu_bias_grad = &drelu_bias_grad;
     k.finish_rows = &finish_rows;
     k.apply_update = &apply_update;
+    k.round_bf16 = kRounds ? &round_copy : nullptr;
     k.panel_cols = NRW;
     k.rows_per_tile = MR;
     k.inner_block = KC;

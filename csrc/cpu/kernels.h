@@ -31,6 +31,9 @@ struct Update {
   T step_size = 0, bc2_sqrt = 1;  // for this step
   bool decoupled = false;         // AdamW's weight decay: p *= decay_factor (1 - lr * weight_decay)
   T decay_factor = 1;
+  // float32 only: the updated parameter is also stored here rounded to bfloat16 (the operand copy the
+  // bf16 whole step's next GEMMs read; shaped like param).
+  T* shadow = nullptr;
 };
 
 // C(i, j) = sum_p A(i, p) * B(p, j), for a rectangular block of C.
@@ -43,7 +46,9 @@ struct Update {
 //   ReLU, writing a 1-bit mask (bit (j % 8) of mask[i * ldm + j / 8] set iff the sum is > 0) when
 //   mask is given (inference needs none);
 //   or, instead of storing C, an optimizer `update` of a parameter shaped like C (its param / buf /
-//   buf2 with leading dimension ldc). When inner <= inner_block and B's rows are contiguous
+//   buf2 with leading dimension ldc).
+// With round_bf16 (float32 only) the finished sum is rounded to bfloat16 after the bias and the input
+// mask, before the ReLU tests it: the result of a bf16 GEMM with float32 accumulation. When inner <= inner_block and B's rows are contiguous
 //   (b_cs == 1) the gradient never reaches C (c may be null); otherwise C holds it on the way.
 template <typename T>
 struct Gemm {
@@ -60,6 +65,7 @@ struct Gemm {
   int64_t ldm = 0;
   const uint8_t* mask_in = nullptr;  // same packing as mask, ld = ldm_in
   int64_t ldm_in = 0;
+  bool round_bf16 = false;
   Update<T> update;
 };
 
@@ -121,6 +127,8 @@ struct KernelTable {
   void (*finish_rows)(const Gemm<T>& g, int64_t r0, int64_t r1);
   // Applies `u` to n contiguous elements of its param / buf / buf2 from the gradient g.
   void (*apply_update)(const Update<T>& u, int64_t n, const T* g);
+  // dst[i] = src[i] rounded to bfloat16 for i < n (src == dst allowed); null in the float64 table.
+  void (*round_bf16)(const T* src, T* dst, int64_t n);
   int64_t panel_cols;     // width of one packed B panel (columns a micro-kernel produces at once)
   int64_t rows_per_tile;  // rows of C a micro-kernel produces at once
   int64_t inner_block;    // K-blocking: sums longer than this park partial results in C

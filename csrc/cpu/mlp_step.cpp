@@ -13,6 +13,14 @@
 // mlp_{sgd,adam}_steps run many such steps, over consecutive batches of their input, in one call:
 // the same arithmetic in the same order, without the Python, dispatch and allocation that each
 // separate call costs.
+//
+// bf16=True is torch.autocast's bfloat16 arithmetic on float32 parameters and optimizer state: every
+// GEMM operand rounded to bfloat16 (x, the weights and biases, the activations, dz), float32 sums,
+// every GEMM result rounded to bfloat16 (activations, logits, dz of each layer, the weight and bias
+// gradients), the loss and the update in float32. A bfloat16 product is exact in float32, so the
+// float32 kernels on rounded operands compute what a bf16 GEMM with float32 accumulation does. The
+// rounded weights and biases are kept beside the parameters for the whole call (`shadow`): made once
+// at its start, then rewritten by each update as it stores the new parameter.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -70,8 +78,9 @@ void check_targets(const char* op, const Tensor& target, int64_t classes) {
 template <typename T>
 class Stepper {
  public:
-  Stepper(at::TensorList weights, at::TensorList biases, int64_t max_rows, const at::TensorOptions& opts)
-      : k_(table<T>()), weights_(weights), has_bias_(!biases.empty()), L_(weights.size()) {
+  // bf16: see the top of the file; x is then rounded per step into a buffer of max_rows rows.
+  Stepper(at::TensorList weights, at::TensorList biases, int64_t max_rows, const at::TensorOptions& opts, bool bf16)
+      : k_(table<T>()), weights_(weights), has_bias_(!biases.empty()), L_(weights.size()), bf16_(bf16) {
     // Every temporary lives in one allocation (not a dozen at::empty calls per step):
     // the layers' outputs, the ReLU masks, two dz buffers used in turn, the bias gradient and,
     // for batches longer than one K block, the weight gradient's partial sums.
@@ -93,6 +102,11 @@ class Stepper {
     const int64_t dz_at[2] = {carve(M * widest * int64_t(sizeof(T))), carve(M * widest * int64_t(sizeof(T)))};
     const int64_t gb_at = carve(widest * int64_t(sizeof(T)));
     const int64_t partial_at = M > k_.inner_block ? carve(largest * int64_t(sizeof(T))) : 0;
+    const int64_t stage_at = bf16 ? carve(M * fan_in(0) * int64_t(sizeof(T))) : 0;
+    std::vector<int64_t> shadow_at;  // bf16: the rounded weights, then the rounded biases
+    if (bf16)
+      for (size_t i = 0; i < L_ + biases.size(); ++i)
+        shadow_at.push_back(carve((i < L_ ? weights[i] : biases[i - L_]).numel() * int64_t(sizeof(T))));
     workspace_ = at::empty({bytes}, opts.dtype(at::kByte));
     uint8_t* base = workspace_.mutable_data_ptr<uint8_t>();
     auto buffer = [&](int64_t at) { return reinterpret_cast<T*>(base + at); };
@@ -107,40 +121,73 @@ class Stepper {
     dz_[0] = buffer(dz_at[0]), dz_[1] = buffer(dz_at[1]);
     gb_ = buffer(gb_at);
     partial_ = M > k_.inner_block ? buffer(partial_at) : nullptr;
+    if (bf16) x_stage_ = buffer(stage_at);
+    for (size_t i = 0; i < shadow_at.size(); ++i) {
+      const Tensor& p = i < L_ ? weights[i] : biases[i - L_];
+      shadow_.push_back(buffer(shadow_at[i]));
+      k_.round_bf16(p.const_data_ptr<T>(), shadow_.back(), p.numel());
+    }
   }
 
   // One step on the M (<= max_rows) samples x (M x in_features, contiguous) with labels target;
   // updates[i] is the update of parameter i (the weights, then the biases). Returns the loss.
   double step(const T* x, const int64_t* target, int64_t M, const std::vector<Update<T>>& updates) {
     const size_t L = L_;
+    if (bf16_) {  // x rounded to bfloat16, in a buffer the step's GEMMs then find in cache
+      // A pass over memory, split between the threads from 16K elements (a batch of 64 images) on.
+      const int64_t n = M * fan_in(0);
+      if (threads_for(n, kParallelElems / 4) == 1) {
+        k_.round_bf16(x, x_stage_, n);
+      } else {
+        at::parallel_for(0, n, kParallelElems / 8, [&](int64_t lo, int64_t hi) {
+          k_.round_bf16(x + lo, x_stage_ + lo, hi - lo);
+        });
+      }
+      x = x_stage_;
+    }
+    // The GEMMs' weights and biases: the parameters, or their rounded copies (bf16).
+    auto weight = [&](size_t l) { return bf16_ ? shadow_[l] : w_[l]; };
+    auto bias = [&](size_t l) { return bf16_ && has_bias_ ? shadow_[L + l] : b_[l]; };
+    auto with_shadow = [&](size_t i) {
+      Update<T> u = updates[i];
+      if (bf16_) u.shadow = shadow_[i];
+      return u;
+    };
     // Forward: the input of layer l is x or the output of layer l - 1; masks[l] is the ReLU mask
     // of its output.
     auto input = [&](size_t l) -> const T* { return l == 0 ? x : out_[l - 1]; };
     for (size_t l = 0; l < L; ++l) {
       const int64_t N = width(l), K = fan_in(l);
-      run_gemm(k_, layer_forward<T>(M, K, N, input(l), w_[l], b_[l], out_[l], l + 1 < L, masks_[l]));
+      Gemm<T> g = layer_forward<T>(M, K, N, input(l), weight(l), bias(l), out_[l], l + 1 < L, masks_[l]);
+      g.round_bf16 = bf16_;
+      run_gemm(k_, g);
     }
 
     int which = 0;
     T* dz = dz_[which];
     const double loss = cross_entropy<T>(out_[L - 1], target, M, width(L - 1), dz);
+    if (bf16_) k_.round_bf16(dz, dz, M * width(L - 1));
 
     for (size_t l = L; l-- > 0;) {
       const int64_t N = width(l), K = fan_in(l);
       if (has_bias_) {
         run_drelu_bias_grad<T>(k_, M, N, dz, nullptr, 0, nullptr, gb_);
-        k_.apply_update(updates[L + l], N, gb_);
+        if (bf16_) k_.round_bf16(gb_, gb_, N);
+        k_.apply_update(with_shadow(L + l), N, gb_);
       }
       T* dz_prev = nullptr;
       if (l > 0) {  // dz of the layer below = (dz @ w) masked by that layer's ReLU; uses w before its update
         which = 1 - which;
         dz_prev = dz_[which];
-        run_gemm(k_, layer_grad_input<T>(M, K, N, dz, w_[l], dz_prev, masks_[l - 1]));
+        Gemm<T> g = layer_grad_input<T>(M, K, N, dz, weight(l), dz_prev, masks_[l - 1]);
+        g.round_bf16 = bf16_;
+        run_gemm(k_, g);
       }
       {  // the update of w from dz.T @ input(l), without materialising the gradient
         // Partial sums park in C between K blocks; one block needs no C at all.
         Gemm<T> g = layer_grad_weight<T>(M, K, N, dz, input(l), M > k_.inner_block ? partial_ : nullptr);
-        g.update = updates[l];
+        g.update = with_shadow(l);
+        g.round_bf16 = bf16_;
         run_gemm(k_, g);
       }
       dz = dz_prev;
@@ -156,6 +203,7 @@ class Stepper {
   at::TensorList weights_;
   bool has_bias_;
   size_t L_;
+  bool bf16_;
   Tensor workspace_;
   std::vector<const T*> w_, b_;
   std::vector<T*> out_;  // the layers' outputs (activations; the last one the logits)
@@ -163,15 +211,17 @@ class Stepper {
   T* dz_[2] = {nullptr, nullptr};
   T* gb_ = nullptr;
   T* partial_ = nullptr;
+  T* x_stage_ = nullptr;  // bf16: the step's x, rounded
+  std::vector<T*> shadow_;  // bf16: the rounded weights, then the rounded biases
 };
 
 // Runs steps over the consecutive batches of `batch` rows of x (the last one shorter when batch does
-// not divide them), in x's dtype, with one update of `kind` per parameter (the weights, then the
-// biases): fill(u, i, s) sets the optimizer's fields of parameter i's update for step s once its kind
-// and param are set. Returns each step's loss.
+// not divide them), in x's dtype (bf16: see the top of the file), with one update of `kind` per
+// parameter (the weights, then the biases): fill(u, i, s) sets the optimizer's fields of parameter
+// i's update for step s once its kind and param are set. Returns each step's loss.
 template <class Fill>
 std::vector<double> run_steps(const char* op, UpdateKind kind, const Tensor& x_, const Tensor& target_,
-                              int64_t batch, at::TensorList weights, at::TensorList biases, Fill fill) {
+                              int64_t batch, bool bf16, at::TensorList weights, at::TensorList biases, Fill fill) {
   const Tensor x = x_.contiguous(), target = target_.contiguous();
   check_targets(op, target, weights.back().size(0));
   const int64_t rows = x.size(0), in = x.size(1), count = div_up(rows, batch);
@@ -184,7 +234,7 @@ std::vector<double> run_steps(const char* op, UpdateKind kind, const Tensor& x_,
       updates[i].kind = kind;
       updates[i].param = (i < L ? weights[i] : biases[i - L]).template mutable_data_ptr<T>();
     }
-    Stepper<T> stepper(weights, biases, std::min(batch, rows), x.options());
+    Stepper<T> stepper(weights, biases, std::min(batch, rows), x.options(), bf16);
     const T* xs = x.const_data_ptr<T>();
     const int64_t* ts = target.const_data_ptr<int64_t>();
     for (int64_t s = 0; s < count; ++s) {
@@ -195,6 +245,12 @@ std::vector<double> run_steps(const char* op, UpdateKind kind, const Tensor& x_,
   };
   x.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
   return losses;
+}
+
+// bf16 arithmetic is for float32 parameters (the master weights).
+void check_bf16(const char* op, const Tensor& x, bool bf16) {
+  TORCH_CHECK(!bf16 || x.scalar_type() == at::kFloat, op, ": bf16=True needs float32 x and parameters, got ",
+              x.scalar_type());
 }
 
 // The per-step fields of SGD's update of parameter i (of L weights and their biases) at rate lr.
@@ -234,12 +290,13 @@ Tensor loss_tensor(const std::vector<double>& losses, const Tensor& x) {
 
 Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
                     at::TensorList wbufs, at::TensorList bbufs, double lr, double momentum, double weight_decay,
-                    const std::optional<Tensor>& lr_scale) {
+                    const std::optional<Tensor>& lr_scale, bool bf16) {
   check_step_args(kSgdOp, x, target, weights, biases, wbufs, bbufs, momentum, lr_scale);
+  check_bf16(kSgdOp, x, bf16);
   if (lr_scale.has_value()) lr *= lr_scale->item<double>();
   const size_t L = weights.size();
   const auto losses =
-      run_steps(kSgdOp, UpdateKind::kSgd, x, target, x.size(0), weights, biases,
+      run_steps(kSgdOp, UpdateKind::kSgd, x, target, x.size(0), bf16, weights, biases,
                 [&](auto& u, size_t i, int64_t) { fill_sgd(u, i, L, wbufs, bbufs, lr, momentum, weight_decay); });
   return at::scalar_tensor(losses[0], x.options());
 }
@@ -247,11 +304,12 @@ Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weight
 Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps, double lr,
                      double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-                     const std::optional<Tensor>& lr_scale) {
+                     const std::optional<Tensor>& lr_scale, bool bf16) {
   check_adam_args(kAdamOp, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, lr_scale);
+  check_bf16(kAdamOp, x, bf16);
   if (lr_scale.has_value()) lr *= lr_scale->item<double>();
   const std::vector<double> t = adam_counts(steps);
-  const auto losses = run_steps(kAdamOp, UpdateKind::kAdam, x, target, x.size(0), weights, biases,
+  const auto losses = run_steps(kAdamOp, UpdateKind::kAdam, x, target, x.size(0), bf16, weights, biases,
                                 [&](auto& u, size_t i, int64_t) {
                                   fill_adam(u, i, exp_avgs, exp_avg_sqs, t[i] + 1, lr, beta1, beta2, eps,
                                             weight_decay, decoupled_weight_decay);
@@ -262,11 +320,12 @@ Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weigh
 
 Tensor mlp_sgd_steps(const Tensor& x, const Tensor& target, int64_t batch_size, at::TensorList weights,
                      at::TensorList biases, at::TensorList wbufs, at::TensorList bbufs, at::ArrayRef<double> lrs,
-                     double momentum, double weight_decay) {
+                     double momentum, double weight_decay, bool bf16) {
   check_step_args(kSgdStepsOp, x, target, weights, biases, wbufs, bbufs, momentum, std::nullopt);
+  check_bf16(kSgdStepsOp, x, bf16);
   check_batches(kSgdStepsOp, x, batch_size, lrs);
   const size_t L = weights.size();
-  return loss_tensor(run_steps(kSgdStepsOp, UpdateKind::kSgd, x, target, batch_size, weights, biases,
+  return loss_tensor(run_steps(kSgdStepsOp, UpdateKind::kSgd, x, target, batch_size, bf16, weights, biases,
                                [&](auto& u, size_t i, int64_t s) {
                                  fill_sgd(u, i, L, wbufs, bbufs, lrs[s], momentum, weight_decay);
                                }),
@@ -276,12 +335,13 @@ Tensor mlp_sgd_steps(const Tensor& x, const Tensor& target, int64_t batch_size, 
 Tensor mlp_adam_steps(const Tensor& x, const Tensor& target, int64_t batch_size, at::TensorList weights,
                       at::TensorList biases, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                       at::TensorList steps, at::ArrayRef<double> lrs, double beta1, double beta2, double eps,
-                      double weight_decay, bool decoupled_weight_decay) {
+                      double weight_decay, bool decoupled_weight_decay, bool bf16) {
   check_adam_args(kAdamStepsOp, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps,
                   std::nullopt);
+  check_bf16(kAdamStepsOp, x, bf16);
   check_batches(kAdamStepsOp, x, batch_size, lrs);
   const std::vector<double> t = adam_counts(steps);
-  Tensor losses = loss_tensor(run_steps(kAdamStepsOp, UpdateKind::kAdam, x, target, batch_size, weights, biases,
+  Tensor losses = loss_tensor(run_steps(kAdamStepsOp, UpdateKind::kAdam, x, target, batch_size, bf16, weights, biases,
                                         [&](auto& u, size_t i, int64_t s) {
                                           fill_adam(u, i, exp_avgs, exp_avg_sqs, t[i] + double(s + 1), lrs[s],
                                                     beta1, beta2, eps, weight_decay, decoupled_weight_decay);

@@ -43,6 +43,15 @@ struct VecAvx2F32 {
     __m256i sel = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(bits)), pow2), pow2);
     return _mm256_and_ps(a, _mm256_castsi256_ps(sel));
   }
+  // Rounded to the nearest bfloat16 (ties to even; NaN stays NaN), kept in float32 (see vec_avx512.h).
+  static inline reg round_bf16(reg a) {
+    const __m256i u = _mm256_castps_si256(a);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(int(0xffff0000u))));
+  }
   static inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd) {
     __m256 r[8], t[8], u[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);

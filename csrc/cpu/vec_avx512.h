@@ -33,6 +33,16 @@ struct VecAvx512F32 {
     return _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
   }
   static inline reg keep_bits(uint32_t bits, reg a) { return _mm512_maskz_mov_ps(__mmask16(bits), a); }
+  // Rounded to the nearest bfloat16 (ties to even; NaN stays NaN), kept in float32: the rounding
+  // of torch's float32 -> bfloat16 conversion.
+  static inline reg round_bf16(reg a) {
+    const __m512i u = _mm512_castps_si512(a);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q),
+                              _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(int(0xffff0000u))));
+  }
 
   // 16 x 16 transpose in three shuffle stages (within 32-bit pairs, 64-bit pairs, 128-bit lanes).
   static inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd) {

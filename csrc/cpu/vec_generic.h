@@ -4,8 +4,21 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace fastmlp::cpu::FASTMLP_ISA_NS {
+
+// x rounded to the nearest bfloat16 (ties to even), as a float: torch's float32 -> bfloat16
+// conversion. NaN stays NaN (quieted).
+inline float round_to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) u |= 0x00400000u;
+  else u += 0x7fffu + ((u >> 16) & 1u);
+  u &= 0xffff0000u;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
 
 template <typename T_, int L_>
 struct VecGeneric {
@@ -93,6 +106,12 @@ struct VecGeneric {
   static inline reg keep_bits(uint32_t bits, const reg& a) {
     reg r;
     for (int l = 0; l < L; ++l) r.v[l] = (bits >> l) & 1u ? a.v[l] : T(0);
+    return r;
+  }
+  // Rounded to the nearest bfloat16 (ties to even; NaN stays NaN), kept in float32 (float lanes only).
+  static inline reg round_bf16(const reg& a) {
+    reg r;
+    for (int l = 0; l < L; ++l) r.v[l] = round_to_bf16(a.v[l]);
     return r;
   }
   // dst[j * ldd + i] = src[i * lds + j] for an L x L block.

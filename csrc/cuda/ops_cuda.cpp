@@ -35,6 +35,13 @@ void check_cuda(const char* op, const Tensor& x) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor here, got one on ", x.device());
 }
 
+// The whole-step ops' bf16 arithmetic is the CPU's; on the GPU, bfloat16 training runs the layers
+// under torch.autocast (FusedMLP.train_step(precision="bf16") does so).
+void check_no_bf16(const char* op, bool bf16) {
+  TORCH_CHECK(!bf16, op, ": bf16=True is implemented for CPU tensors only; on CUDA train under "
+              "torch.autocast(\"cuda\", torch.bfloat16) (FusedMLP.train_step(..., precision=\"bf16\"))");
+}
+
 // float16 / bfloat16 run on tensor cores (sm_80+).
 void check_tensor_cores(const char* op, const Tensor& x) {
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return;
@@ -92,9 +99,10 @@ Tensor mlp_forward(const Tensor& x, at::TensorList weights, at::TensorList biase
 
 Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
                     at::TensorList wbufs, at::TensorList bbufs, double lr, double momentum, double weight_decay,
-                    const std::optional<Tensor>& lr_scale) {
+                    const std::optional<Tensor>& lr_scale, bool bf16) {
   constexpr const char* op = "fastmlp::mlp_sgd_step";
   check_cuda(op, x);
+  check_no_bf16(op, bf16);
   check_step_args(op, x, target, weights, biases, wbufs, bbufs, momentum, lr_scale);
   return mlp_sgd_step_impl(x, target, weights, biases, wbufs, bbufs, lr, momentum, weight_decay,
                            lr_scale.has_value() ? lr_scale->contiguous() : Tensor());
@@ -103,9 +111,10 @@ Tensor mlp_sgd_step(const Tensor& x, const Tensor& target, at::TensorList weight
 Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weights, at::TensorList biases,
                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps, double lr,
                      double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-                     const std::optional<Tensor>& lr_scale) {
+                     const std::optional<Tensor>& lr_scale, bool bf16) {
   constexpr const char* op = "fastmlp::mlp_adam_step";
   check_cuda(op, x);
+  check_no_bf16(op, bf16);
   check_adam_args(op, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, lr_scale);
   // Counts kept on the CPU (Adam without capturable) are read and written here, on the host.
   std::vector<double> host_counts;
@@ -142,30 +151,36 @@ Tensor steps_over_batches(const Tensor& x, const Tensor& target, int64_t batch_s
 
 Tensor mlp_sgd_steps(const Tensor& x, const Tensor& target, int64_t batch_size, at::TensorList weights,
                      at::TensorList biases, at::TensorList wbufs, at::TensorList bbufs, at::ArrayRef<double> lrs,
-                     double momentum, double weight_decay) {
+                     double momentum, double weight_decay, bool bf16) {
   constexpr const char* op = "fastmlp::mlp_sgd_steps";
   check_cuda(op, x);
+  check_no_bf16(op, bf16);
   check_step_args(op, x, target, weights, biases, wbufs, bbufs, momentum, std::nullopt);
   const int64_t count = check_batches(op, x, batch_size, lrs);
   check_targets(op, target, weights.back().size(0));
-  return steps_over_batches(x, target, batch_size, count, lrs, [&](const Tensor& xb, const Tensor& tb, double lr) {
-    return mlp_sgd_step(xb, tb, weights, biases, wbufs, bbufs, lr, momentum, weight_decay, std::nullopt);
-  });
+  return steps_over_batches(x, target, batch_size, count, lrs,
+                            [&](const Tensor& xb, const Tensor& tb, double lr) {
+                              return mlp_sgd_step(xb, tb, weights, biases, wbufs, bbufs, lr, momentum, weight_decay,
+                                                  std::nullopt, false);
+                            });
 }
 
 Tensor mlp_adam_steps(const Tensor& x, const Tensor& target, int64_t batch_size, at::TensorList weights,
                       at::TensorList biases, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                       at::TensorList steps, at::ArrayRef<double> lrs, double beta1, double beta2, double eps,
-                      double weight_decay, bool decoupled_weight_decay) {
+                      double weight_decay, bool decoupled_weight_decay, bool bf16) {
   constexpr const char* op = "fastmlp::mlp_adam_steps";
   check_cuda(op, x);
+  check_no_bf16(op, bf16);
   check_adam_args(op, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, std::nullopt);
   const int64_t count = check_batches(op, x, batch_size, lrs);
   check_targets(op, target, weights.back().size(0));
-  return steps_over_batches(x, target, batch_size, count, lrs, [&](const Tensor& xb, const Tensor& tb, double lr) {
-    return mlp_adam_step(xb, tb, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                         decoupled_weight_decay, std::nullopt);
-  });
+  return steps_over_batches(x, target, batch_size, count, lrs,
+                            [&](const Tensor& xb, const Tensor& tb, double lr) {
+                              return mlp_adam_step(xb, tb, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, beta1,
+                                                   beta2, eps, weight_decay, decoupled_weight_decay, std::nullopt,
+                                                   false);
+                            });
 }
 
 }  // namespace

@@ -17,7 +17,7 @@ class TrainConfig:
 
     dataset: str = "mnist"
     backend: str = "fused"  # "fused" (fastmlp kernels) or "torch" (nn.Linear/nn.ReLU)
-    precision: str = "fp32"  # "bf16": the model under torch.autocast(bfloat16), float32 weights and loss
+    precision: str = "fp32"  # "bf16": torch.autocast(bfloat16)'s arithmetic, float32 weights, state and loss
     epochs: int = 30
     batch_size: int = 64  # the global batch: split across processes under torchrun
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adam"

@@ -59,7 +59,8 @@ def describe(trainer: "Trainer", resumed: bool = False) -> str:
     recipe += (f" weight_decay {c.weight_decay:g}" if c.weight_decay else "")
     recipe += (f" dropout {c.dropout:g}" if c.dropout else "") + f", {c.schedule} schedule"
     where = f"{trainer.device}" + (f" x{trainer.world} processes" if trainer.world > 1 else "")
-    serving += ", bf16 autocast" if c.precision == "bf16" else ""
+    if c.precision == "bf16":  # the whole-step op's bf16 arithmetic, or the model under autocast
+        serving += ", bf16" if trainer.fused_step else ", bf16 autocast"
     return (f"{c.dataset} {'-'.join(map(str, SIZES[c.dataset]))} ({c.backend}: {serving}) on {where}; {recipe}; "
             f"{c.epochs} epochs of {trainer.steps_per_epoch} steps, batch {c.batch_size}; seed {c.seed}; "
             f"{len(s['train'])} train / {len(s['val'])} val / {len(s['test'])} test images"

@@ -2,12 +2,13 @@
 (choose_strategy), each running a whole epoch and returning its summed loss.
 
     ManyFusedSteps  the CPU, a FusedMLP, no dropout, one process: the many-step op (FusedMLP.train_steps)
-                    once per gathered chunk of batches, each step at its scheduled learning rate
-    GraphSteps      a GPU with fastmlp's CUDA kernels, same conditions: the whole-step op captured in a
-                    CUDA graph (CUDAGraphStep), replayed per batch
+                    once per gathered chunk of batches, each step at its scheduled learning rate, in
+                    float32 or (--precision bf16) autocast's bfloat16 arithmetic
+    GraphSteps      a GPU with fastmlp's CUDA kernels, same conditions, float32: the whole-step op
+                    captured in a CUDA graph (CUDAGraphStep), replayed per batch
     FusedSteps      the whole-step op (FusedMLP.train_step) called per batch: elsewhere, same conditions
     AutogradSteps   forward, loss, backward and optimizer.step(): plain models, dropout, DDP, and
-                    --precision bf16 (the forward under torch.autocast, loss in float32)
+                    --precision bf16 on a GPU (the forward under torch.autocast, loss in float32)
 
 Every strategy takes the same steps in the same order with the same learning rates; the fused ones
 give autograd's result within float32 rounding, and ManyFusedSteps bit for bit FusedSteps'.
@@ -28,7 +29,7 @@ class ManyFusedSteps:
         c, loss_sum = trainer.config, 0.0
         for x, y in iterate_chunks(trainer.splits["train"], c.batch_size, order):
             lrs = [trainer.lr_at(trainer.step + s) for s in range(-(-len(y) // c.batch_size))]
-            losses = trainer.model.train_steps(x, y, trainer.optimizer, c.batch_size, lrs).tolist()
+            losses = trainer.model.train_steps(x, y, trainer.optimizer, c.batch_size, lrs, c.precision).tolist()
             trainer.set_lr(lrs[-1])  # where the per-step strategies leave it
             for s, mean in enumerate(losses):
                 summed = mean * min(c.batch_size, len(y) - s * c.batch_size)
@@ -69,7 +70,7 @@ class FusedSteps(_PerBatch):
     name = "fused step"
 
     def fused_mean(self, trainer, x, y):
-        return trainer.model.train_step(x, y, trainer.optimizer)
+        return trainer.model.train_step(x, y, trainer.optimizer, trainer.config.precision)
 
     def step(self, trainer, x, y, n_global):
         mean = self.fused_mean(trainer, x, y)  # (a CUDA graph's output is overwritten by its next step)
@@ -102,9 +103,11 @@ class AutogradSteps(_PerBatch):
 
 def choose_strategy(model, config, device, world) -> type:
     """The strategy class for a run (see the module docstring). The whole step as one op applies to a
-    FusedMLP without dropout in one process, in float32."""
-    if not (hasattr(model, "train_step") and config.dropout == 0 and world == 1 and config.precision == "fp32"):
+    FusedMLP without dropout in one process, in float32, or in bfloat16 on the CPU."""
+    if not (hasattr(model, "train_step") and config.dropout == 0 and world == 1):
         return AutogradSteps
     if device.type == "cpu":
         return ManyFusedSteps
+    if config.precision != "fp32":
+        return AutogradSteps
     return GraphSteps if device.type == "cuda" and _ops.CUDA_KERNELS else FusedSteps

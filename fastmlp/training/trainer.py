@@ -3,7 +3,6 @@ epoch."""
 
 import math
 import time
-import warnings
 from dataclasses import asdict
 
 import torch
@@ -22,19 +21,6 @@ def kernels(device: torch.device) -> str:
     from .. import backend  # the package root's, imported when used
 
     return backend(device.type)
-
-
-def _warn_slow_bf16(config: TrainConfig, device: torch.device):
-    """--precision bf16 pays on the CPU only with AMX tiles: elsewhere fastmlp's bfloat16 GEMMs are
-    ATen's or its float32 kernels on widened operands, slower than its float32 whole-step ops."""
-    from .. import backend_info
-
-    info = backend_info()
-    if (config.precision == "bf16" and config.backend == "fused" and device.type == "cpu" and info["extension"]
-            and not info["cpu_bf16"].startswith("amx")):
-        warnings.warn("--precision bf16 on a CPU without AMX tiles: this is no faster than PyTorch under autocast "
-                      "and slower than fastmlp's float32 whole-step training (--precision fp32) here",
-                      RuntimeWarning, stacklevel=3)
 
 
 def _sync(device: torch.device):
@@ -63,7 +49,6 @@ class Trainer:
         self.rank, self.world = rank, world
         torch.manual_seed(config.seed)
         # Built on the CPU, then moved: the same initial weights on every device.
-        _warn_slow_bf16(config, self.device)
         self.model = model_for(config.dataset, config.backend, config.dropout).to(self.device)
         params = self.model.parameters()
         strategy = choose_strategy(self.model, config, self.device, world)
