@@ -63,27 +63,35 @@ inline void convert_row(const void* src, bool f32, int64_t n, int64_t width, bf1
 // own registers, AVX-512 in gemm_amx.cpp, SSE2 in the emulated build, the same code either way).
 typedef uint32_t v16u __attribute__((vector_size(64)));
 
+// Two-vector shuffle with constant lane indices (>= 16: lanes of the second vector): GCC's builtin
+// (every version; __builtin_shufflevector only from GCC 12) or Clang's.
+#ifdef __clang__
+#define FASTMLP_SHUFFLE2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define FASTMLP_SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, v16u{__VA_ARGS__})
+#endif
+
 // One stage of the 16 x 16 transpose below: rows x (index i) and y (index i + B, bit B of i clear)
 // exchange the lanes whose index has bit B set in x with those that have it clear in y.
 inline void swap_lanes_1(v16u& x, v16u& y) {
   const v16u a = x, b = y;
-  x = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-  y = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  x = FASTMLP_SHUFFLE2(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  y = FASTMLP_SHUFFLE2(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
 }
 inline void swap_lanes_2(v16u& x, v16u& y) {
   const v16u a = x, b = y;
-  x = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-  y = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  x = FASTMLP_SHUFFLE2(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+  y = FASTMLP_SHUFFLE2(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
 }
 inline void swap_lanes_4(v16u& x, v16u& y) {
   const v16u a = x, b = y;
-  x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-  y = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  x = FASTMLP_SHUFFLE2(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+  y = FASTMLP_SHUFFLE2(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
 }
 inline void swap_lanes_8(v16u& x, v16u& y) {
   const v16u a = x, b = y;
-  x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-  y = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  x = FASTMLP_SHUFFLE2(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+  y = FASTMLP_SHUFFLE2(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
 }
 
 // dst row r = column r of the 16 x 16 block of 32-bit words at src (row strides lds and ldd, in
