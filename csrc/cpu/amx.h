@@ -16,9 +16,11 @@ namespace fastmlp::cpu {
 using bf16_t = uint16_t;  // the bits of a bfloat16
 
 // C(i, j) = sum_p A(i, p) * B(p, j); A(i, p) = a[i * a_rs + p * a_cs], B(p, j) = b[p * b_rs + j * b_cs].
-// Epilogue on each float32 sum, in order: + bias[j] (float32); ReLU (keeping NaN), with bit j % 8 of
-// mask[i * ldm + j / 8] set iff the stored value is > 0 (when mask is given); stored to c16 (rounded
-// to bf16, RNE) or c32 (float32), leading dimension ldc. TDPBF16PS's arithmetic: each product exact,
+// Epilogue on each float32 sum, in order: + bias[j] (float32); 0 unless bit j % 8 of
+// mask_in[i * ldm_in + j / 8] is set (when mask_in is given: dX through the ReLU below); ReLU (keeping
+// NaN), with bit j % 8 of mask[i * ldm + j / 8] set iff the stored value is > 0 (when mask is given);
+// stored to c16 (rounded to bf16, RNE) or c32 (float32; rounded to a bf16 value when round_c32),
+// leading dimension ldc. TDPBF16PS's arithmetic: each product exact,
 // each addition rounded (RNE), k ascending, bf16 subnormal inputs read as 0, subnormal sums flushed.
 struct GemmLow {
   int64_t rows = 0, cols = 0, inner = 0;
@@ -31,7 +33,10 @@ struct GemmLow {
   bf16_t* c16 = nullptr;
   float* c32 = nullptr;
   int64_t ldc = 0;
+  bool round_c32 = false;
   const float* bias = nullptr;
+  const uint8_t* mask_in = nullptr;
+  int64_t ldm_in = 0;
   bool relu = false;
   uint8_t* mask = nullptr;
   int64_t ldm = 0;

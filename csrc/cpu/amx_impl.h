@@ -218,15 +218,16 @@ inline void finish_block(const GemmLow& g, const float* tmp, int64_t i0, int64_t
     for (int n = 0; n < ncols; ++n) {
       float v = tmp[r * kAmxCols + n];
       if (g.bias) v += g.bias[j0 + n];
+      if (g.mask_in && !((g.mask_in[i * g.ldm_in + (j0 + n) / 8] >> ((j0 + n) % 8)) & 1)) v = 0.0f;
       const bf16_t h = to_bf16(v);
-      const float stored = g.c16 ? from_bf16(h) : v;
+      const float stored = g.c16 || g.round_c32 ? from_bf16(h) : v;
       bool zero = false;
       if (g.relu) {
         if (stored > 0.0f) bits |= 1u << n;
         else zero = !(stored != stored);  // ReLU keeps NaN, like torch.relu
       }
       if (g.c16) g.c16[i * g.ldc + j0 + n] = zero ? bf16_t(0) : h;
-      else g.c32[i * g.ldc + j0 + n] = zero ? 0.0f : v;
+      else g.c32[i * g.ldc + j0 + n] = zero ? 0.0f : stored;
     }
     if (g.relu && g.mask)
       for (int k = 0; k < (ncols + 7) / 8; ++k) g.mask[i * g.ldm + j0 / 8 + k] = uint8_t(bits >> (8 * k));

@@ -20,7 +20,9 @@
 // gradients), the loss and the update in float32. A bfloat16 product is exact in float32, so the
 // float32 kernels on rounded operands compute what a bf16 GEMM with float32 accumulation does. The
 // rounded weights and biases are kept beside the parameters for the whole call (`shadow`): made once
-// at its start, then rewritten by each update as it stores the new parameter.
+// at its start, then rewritten by each update as it stores the new parameter. Where the active CPU
+// kernels have AMX tiles (amx.h), the GEMMs run on them instead: their packing rounds the float32
+// operands itself, so neither x nor the weights need a rounded copy (the biases keep theirs).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -78,9 +80,11 @@ void check_targets(const char* op, const Tensor& target, int64_t classes) {
 template <typename T>
 class Stepper {
  public:
-  // bf16: see the top of the file; x is then rounded per step into a buffer of max_rows rows.
+  // bf16: see the top of the file; without AMX x is then rounded per step into a buffer of max_rows
+  // rows.
   Stepper(at::TensorList weights, at::TensorList biases, int64_t max_rows, const at::TensorOptions& opts, bool bf16)
-      : k_(table<T>()), weights_(weights), has_bias_(!biases.empty()), L_(weights.size()), bf16_(bf16) {
+      : k_(table<T>()), weights_(weights), has_bias_(!biases.empty()), L_(weights.size()), bf16_(bf16),
+        amx_(bf16 && std::is_same_v<T, float> ? active_kernels().amx : nullptr) {
     // Every temporary lives in one allocation (not a dozen at::empty calls per step):
     // the layers' outputs, the ReLU masks, two dz buffers used in turn, the bias gradient and,
     // for batches longer than one K block, the weight gradient's partial sums.
@@ -101,12 +105,14 @@ class Stepper {
     }
     const int64_t dz_at[2] = {carve(M * widest * int64_t(sizeof(T))), carve(M * widest * int64_t(sizeof(T)))};
     const int64_t gb_at = carve(widest * int64_t(sizeof(T)));
-    const int64_t partial_at = M > k_.inner_block ? carve(largest * int64_t(sizeof(T))) : 0;
-    const int64_t stage_at = bf16 ? carve(M * fan_in(0) * int64_t(sizeof(T))) : 0;
-    std::vector<int64_t> shadow_at;  // bf16: the rounded weights, then the rounded biases
+    // The AMX dW lands in `partial` whatever the batch, and its update follows (update_weight).
+    const bool partial = M > k_.inner_block || amx_;
+    const int64_t partial_at = partial ? carve(largest * int64_t(sizeof(T))) : 0;
+    const int64_t stage_at = bf16 && !amx_ ? carve(M * fan_in(0) * int64_t(sizeof(T))) : 0;
+    std::vector<int64_t> shadow_at;  // bf16: the rounded weights (not with AMX), then the rounded biases
     if (bf16)
       for (size_t i = 0; i < L_ + biases.size(); ++i)
-        shadow_at.push_back(carve((i < L_ ? weights[i] : biases[i - L_]).numel() * int64_t(sizeof(T))));
+        shadow_at.push_back(i < L_ && amx_ ? -1 : carve((i < L_ ? weights[i] : biases[i - L_]).numel() * int64_t(sizeof(T))));
     workspace_ = at::empty({bytes}, opts.dtype(at::kByte));
     uint8_t* base = workspace_.mutable_data_ptr<uint8_t>();
     auto buffer = [&](int64_t at) { return reinterpret_cast<T*>(base + at); };
@@ -120,12 +126,12 @@ class Stepper {
     }
     dz_[0] = buffer(dz_at[0]), dz_[1] = buffer(dz_at[1]);
     gb_ = buffer(gb_at);
-    partial_ = M > k_.inner_block ? buffer(partial_at) : nullptr;
-    if (bf16) x_stage_ = buffer(stage_at);
+    partial_ = partial ? buffer(partial_at) : nullptr;
+    if (bf16 && !amx_) x_stage_ = buffer(stage_at);
     for (size_t i = 0; i < shadow_at.size(); ++i) {
       const Tensor& p = i < L_ ? weights[i] : biases[i - L_];
-      shadow_.push_back(buffer(shadow_at[i]));
-      k_.round_bf16(p.const_data_ptr<T>(), shadow_.back(), p.numel());
+      shadow_.push_back(shadow_at[i] < 0 ? nullptr : buffer(shadow_at[i]));
+      if (shadow_.back()) k_.round_bf16(p.const_data_ptr<T>(), shadow_.back(), p.numel());
     }
   }
 
@@ -133,7 +139,7 @@ class Stepper {
   // updates[i] is the update of parameter i (the weights, then the biases). Returns the loss.
   double step(const T* x, const int64_t* target, int64_t M, const std::vector<Update<T>>& updates) {
     const size_t L = L_;
-    if (bf16_) {  // x rounded to bfloat16, in a buffer the step's GEMMs then find in cache
+    if (bf16_ && !amx_) {  // x rounded to bfloat16, in a buffer the step's GEMMs then find in cache
       // A pass over memory, split between the threads from 16K elements (a batch of 64 images) on.
       const int64_t n = M * fan_in(0);
       if (threads_for(n, kParallelElems / 4) == 1) {
@@ -158,6 +164,10 @@ class Stepper {
     auto input = [&](size_t l) -> const T* { return l == 0 ? x : out_[l - 1]; };
     for (size_t l = 0; l < L; ++l) {
       const int64_t N = width(l), K = fan_in(l);
+      if (amx_) {
+        amx_gemm(M, K, N, input(l), K, 1, w_[l], 1, K, out_[l], bias(l), nullptr, l + 1 < L, masks_[l]);
+        continue;
+      }
       Gemm<T> g = layer_forward<T>(M, K, N, input(l), weight(l), bias(l), out_[l], l + 1 < L, masks_[l]);
       g.round_bf16 = bf16_;
       run_gemm(k_, g);
@@ -179,11 +189,18 @@ class Stepper {
       if (l > 0) {  // dz of the layer below = (dz @ w) masked by that layer's ReLU; uses w before its update
         which = 1 - which;
         dz_prev = dz_[which];
-        Gemm<T> g = layer_grad_input<T>(M, K, N, dz, weight(l), dz_prev, masks_[l - 1]);
-        g.round_bf16 = bf16_;
-        run_gemm(k_, g);
+        if (amx_) {
+          amx_gemm(M, N, K, dz, N, 1, w_[l], K, 1, dz_prev, nullptr, masks_[l - 1], false, nullptr);
+        } else {
+          Gemm<T> g = layer_grad_input<T>(M, K, N, dz, weight(l), dz_prev, masks_[l - 1]);
+          g.round_bf16 = bf16_;
+          run_gemm(k_, g);
+        }
       }
-      {  // the update of w from dz.T @ input(l), without materialising the gradient
+      if (amx_) {  // dW = dz.T @ input(l) on the tiles into `partial`, then the update
+        amx_gemm(N, M, K, dz, 1, N, input(l), K, 1, partial_, nullptr, nullptr, false, nullptr);
+        update_weight(updates[l], N, K, partial_);
+      } else {  // the update of w from dz.T @ input(l), without materialising the gradient
         // Partial sums park in C between K blocks; one block needs no C at all.
         Gemm<T> g = layer_grad_weight<T>(M, K, N, dz, input(l), M > k_.inner_block ? partial_ : nullptr);
         g.update = with_shadow(l);
@@ -196,6 +213,37 @@ class Stepper {
   }
 
  private:
+  // C (rows x cols, contiguous, bf16-rounded float32) = A @ B on AMX tiles: A(i, p) = a[i * a_rs + p * a_cs],
+  // B(p, j) = b[p * b_rs + j * b_cs], both float32 rounded while packed; then + bias, the input mask,
+  // ReLU and its mask (see GemmLow).
+  void amx_gemm(int64_t rows, int64_t inner, int64_t cols, const T* a, int64_t a_rs, int64_t a_cs, const T* b,
+                int64_t b_rs, int64_t b_cs, T* c, const T* bias, const uint8_t* mask_in, bool relu, uint8_t* mask) {
+    if constexpr (std::is_same_v<T, float>) {
+      GemmLow g;
+      g.rows = rows, g.cols = cols, g.inner = inner;
+      g.a = a, g.a_rs = a_rs, g.a_cs = a_cs, g.a_f32 = true;
+      g.b = b, g.b_rs = b_rs, g.b_cs = b_cs, g.b_f32 = true;
+      g.c32 = c, g.ldc = cols, g.round_c32 = true;
+      g.bias = bias;
+      g.mask_in = mask_in, g.ldm_in = div_up(cols, 8);
+      g.relu = relu;
+      g.mask = mask, g.ldm = div_up(cols, 8);
+      run_gemm_amx(*amx_, g);
+    }
+  }
+
+  // u applied to the N x K weight from its gradient g, rows split between the threads.
+  void update_weight(const Update<T>& u, int64_t N, int64_t K, const T* g) {
+    auto rows = [&](int64_t lo, int64_t hi) {
+      Update<T> part = u;
+      auto at = [&](T* p) { return p ? p + lo * K : nullptr; };
+      part.param = at(u.param), part.buf = at(u.buf), part.buf2 = at(u.buf2);
+      k_.apply_update(part, (hi - lo) * K, g + lo * K);
+    };
+    if (threads_for(N * K, kParallelElems) == 1) rows(0, N);
+    else at::parallel_for(0, N, div_up(N, at::get_num_threads()), rows);
+  }
+
   int64_t width(size_t l) const { return weights_[l].size(0); }  // outputs of layer l
   int64_t fan_in(size_t l) const { return weights_[l].size(1); }
 
@@ -204,6 +252,7 @@ class Stepper {
   bool has_bias_;
   size_t L_;
   bool bf16_;
+  const AmxKernels* amx_;  // bf16 on AMX tiles, or null
   Tensor workspace_;
   std::vector<const T*> w_, b_;
   std::vector<T*> out_;  // the layers' outputs (activations; the last one the logits)
