@@ -53,7 +53,8 @@ def backend(device="cpu") -> str:
 
 def backend_info() -> dict:
     """Details behind backend(): extension status, CPU instruction set, what runs bfloat16 on the CPU
-    ("cpu_bf16": AMX tiles, or the float32 kernels on widened operands), which GEMMs serve the layer
+    ("cpu_bf16": AMX tiles, AVX512-BF16 dot products, or the float32 kernels on widened operands),
+    which GEMMs serve the layer
     ops ("gemm" mode, see set_gemm; "cpu_vendor_gemm_shapes": where "auto" chose the vendor GEMM on
     the CPU; "cuda_vendor_gemm": its rule on CUDA), CUDA build."""
     info = {
@@ -68,7 +69,8 @@ def backend_info() -> dict:
         info["cpu_isa"] = _ops._C.cpu_isa()
         info["supported_cpu_isas"] = _ops._C.supported_cpu_isas().split(",")
         isa = info["cpu_isa"]
-        info["cpu_bf16"] = isa if isa.startswith("amx") else "float32 kernels (operands widened)"
+        bf16_gemm = isa.startswith("amx") or isa.startswith("avx512-bf16")
+        info["cpu_bf16"] = isa if bf16_gemm else "float32 kernels (operands widened)"
         info["gemm"] = _ops._C.gemm_mode()
         vendor = sorted({f"{c['kind']} {c['rows']}x{c['inner']}->{c['cols']}" for c in gemm_choices()
                          if c["gemm"] == "vendor"})
@@ -82,7 +84,8 @@ def backend_info() -> dict:
 
 def set_cpu_isa(isa: str = "auto") -> None:
     """Select the CPU kernels: "auto" (best for this CPU), "amx" (avx512 plus AMX tiles for bfloat16),
-    "avx512", "avx2" or "generic"; "amx-emulated" runs the AMX code on an emulator (any CPU; testing).
+    "avx512-bf16" (avx512 plus AVX512-BF16 dot products for bfloat16), "avx512", "avx2" or "generic";
+    "amx-emulated" and "avx512-bf16-emulated" run those bfloat16 kernels on an emulator (any CPU; testing).
 
     Also settable before import with FASTMLP_CPU_ISA. Mainly for testing and benchmarking.
     """

@@ -6,8 +6,9 @@ mlp_sgd_step, mlp_adam_step, mlp_sgd_steps, mlp_adam_steps} exist whatever the b
 
 Environment (read once, at import):
   FASTMLP_DISABLE_EXTENSION=1  ignore the compiled extension: the pure-PyTorch reference serves all
-  FASTMLP_CPU_ISA=NAME         the CPU kernels to use (amx, avx512, avx2, generic, or amx-emulated; read by
-                               the extension); a name this CPU cannot run warns and the best kernels serve
+  FASTMLP_CPU_ISA=NAME         the CPU kernels to use (amx, avx512-bf16, avx512, avx2, generic, or
+                               amx-emulated / avx512-bf16-emulated; read by the extension); a name this
+                               CPU cannot run warns and the best kernels serve
   FASTMLP_REFUSE_AMX=1         behave as if Linux refused the AMX tile data (tests the fallback)
   FASTMLP_GEMM=MODE            the GEMM of the CPU layer ops: auto (default), fastmlp or vendor (read by the
                                extension; see fastmlp.set_gemm); another value warns and auto serves

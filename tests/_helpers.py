@@ -14,8 +14,10 @@ DEVICES = [
 ]
 
 # The CPU kernel families the extension compiles (csrc/cpu/dispatch.cpp), best first. "amx" is the
-# avx512 kernels plus the AMX bfloat16 GEMM.
-COMPILED_CPU_ISAS = ("amx", "avx512", "avx2", "generic")
+# avx512 kernels plus the AMX bfloat16 GEMM, "avx512-bf16" the avx512 kernels plus the AVX512-BF16 one.
+COMPILED_CPU_ISAS = ("amx", "avx512-bf16", "avx512", "avx2", "generic")
+# Families whose float32 kernels are another's (avx512's): only the bfloat16 tests run on them.
+BF16_ONLY_ISAS = ("avx512-bf16",)
 
 
 def torch_train_step(model, opt, x, y):
@@ -28,10 +30,18 @@ def torch_train_step(model, opt, x, y):
 
 
 def low_precision_isas():
-    """cpu_isas() and "amx-emulated" (the AMX bfloat16 kernels on the emulator, any CPU): the kernel
-    families the bfloat16 tests run on."""
+    """cpu_isas(), "avx512-bf16", and the bfloat16 GEMMs on their emulators ("amx-emulated",
+    "avx512-bf16-emulated": any CPU): the kernel families the bfloat16 tests run on."""
     isas = cpu_isas()
-    return isas if isas == ["fallback"] else isas + ["amx-emulated"]
+    if isas == ["fallback"]:
+        return isas
+    return isas + _params(BF16_ONLY_ISAS) + ["amx-emulated", "avx512-bf16-emulated"]
+
+
+def _params(names):
+    supported = fastmlp.backend_info()["supported_cpu_isas"]
+    return [pytest.param(isa, marks=pytest.mark.skipif(isa not in supported, reason=f"CPU lacks {isa}"))
+            for isa in names]
 
 
 def cpu_isas():
@@ -39,12 +49,9 @@ def cpu_isas():
     skipped ("CPU lacks avx512"), so that a run says which kernels it did not test instead of leaving
     them out; "fallback" alone without the compiled extension. The `isa` fixture (conftest.py) runs
     a test once per entry."""
-    info = fastmlp.backend_info()
-    if not info["extension"]:
+    if not fastmlp.backend_info()["extension"]:
         return ["fallback"]
-    supported = info["supported_cpu_isas"]
-    return [pytest.param(isa, marks=pytest.mark.skipif(isa not in supported, reason=f"CPU lacks {isa}"))
-            for isa in COMPILED_CPU_ISAS]
+    return _params([isa for isa in COMPILED_CPU_ISAS if isa not in BF16_ONLY_ISAS])
 
 
 def assert_close_to_truth(ours, theirs, truth, name, factor=4.0):

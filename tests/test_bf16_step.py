@@ -110,7 +110,7 @@ def test_rounding_is_torchs(low_isa):
     b = torch.zeros(2)
     torch.ops.fastmlp.mlp_sgd_step(x, torch.tensor([1]), [w], [b], [], [], 2.0, 0.0, 0.0, bf16=True)
     expected = x[0].to(torch.bfloat16).float()
-    if low_isa.startswith("amx"):
+    if low_isa.startswith("amx"):  # the step's GEMMs on the tiles (the AVX512-BF16 kernels are not used there)
         expected = torch.where(expected.abs() * 0.5 < 2.0**-126, 0.0, expected)
     assert torch.equal(w[1], expected) and torch.equal(w[0], -expected)
     assert torch.equal(b, torch.tensor([-1.0, 1.0]))

@@ -47,20 +47,30 @@ inline constexpr int64_t kAmxRows = 32;  // rows of C per block (two 16-row tile
 inline constexpr int64_t kAmxCols = 32;  // columns of C per panel (two 16-column tiles)
 inline int64_t amx_pad(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
+// The bfloat16 GEMM kernels of a CPU: AMX tiles, or AVX512-BF16 dot products (dpbf16_impl.h), each
+// also on an emulator. The layer ops use them for bfloat16 (where "auto" does not time ATen faster).
 struct AmxKernels {
-  const char* name;  // "amx" (the tile instructions) or "amx-emulated" (amx_emulator.h)
+  const char* name;  // "amx", "avx512-bf16", or either with "-emulated"
   // Packs all of A: amx_pad(rows, kAmxRows) rows of amx_pad(inner, kAmxK) bf16 each.
   void (*pack_a)(const GemmLow& g, bf16_t* dst);
   // Columns [c0, c1) of C (c0 a multiple of kAmxCols) from the packed A; B is packed here, panel by
-  // panel, into this thread's scratch. Sets up and releases the tile configuration itself.
+  // panel, into this thread's scratch. Sets up and releases the tile configuration itself (AMX).
   void (*gemm_cols)(const GemmLow& g, const bf16_t* a_packed, int64_t c0, int64_t c1);
+  // Whether the bf16 whole step (mlp_step.cpp) runs its GEMMs here rather than on the float32 kernels
+  // with rounded operands: AMX yes (unmeasured); AVX512-BF16 no, measured 1.09-1.25x slower there
+  // (BENCHMARKS.md), its per-call packing and the weight gradient's trip through memory costing more
+  // than its dot products save.
+  bool whole_step;
 };
 
-// Defined by gemm_amx.cpp (x86-64 only) and gemm_amx_emulated.cpp.
+// Defined by gemm_amx.cpp (x86-64 only) and gemm_amx_emulated.cpp; the same interface on AVX512-BF16
+// dot products instead of tiles by gemm_dpbf16.cpp (x86-64 only) and gemm_dpbf16_emulated.cpp.
 #if defined(__x86_64__) || defined(_M_X64)
 const AmxKernels& amx_kernels();
+const AmxKernels& dpbf16_kernels();
 #endif
 const AmxKernels& amx_emulated_kernels();
+const AmxKernels& dpbf16_emulated_kernels();
 
 // The process may use AMX tile data (Linux asks for permission first: arch_prctl
 // ARCH_REQ_XCOMP_PERM for XTILEDATA); requested once, false if refused or not supported.

@@ -28,6 +28,7 @@ bool cpu_has(const char* isa) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (std::strcmp(isa, "avx512-bf16") == 0) return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
 #endif
   return false;
 }
@@ -58,6 +59,15 @@ const Kernels* table_for(const char* isa) {
     }();
     return &k;
   }
+  if (std::strcmp(isa, "avx512-bf16-emulated") == 0) {
+    static const Kernels k = [] {
+      Kernels t = *best_plain();
+      t.isa = "avx512-bf16-emulated";
+      t.amx = &dpbf16_emulated_kernels();
+      return t;
+    }();
+    return &k;
+  }
 #if defined(__x86_64__) || defined(_M_X64)
   if (std::strcmp(isa, "amx") == 0) {
     if (!cpu_has("avx512") || !amx_usable()) return nullptr;
@@ -69,12 +79,25 @@ const Kernels* table_for(const char* isa) {
     }();
     return &k;
   }
+  if (std::strcmp(isa, "avx512-bf16") == 0) {
+    if (!cpu_has("avx512-bf16")) return nullptr;
+    static const Kernels k = [] {
+      Kernels t = kernels_avx512();
+      t.isa = "avx512-bf16";
+      t.amx = &dpbf16_kernels();
+      return t;
+    }();
+    return &k;
+  }
 #endif
   return plain_table(isa);
 }
 
+// AMX, else AVX512-BF16 (bfloat16 layers 1.03-1.24x PyTorch's autocast at batch 64 where the float32
+// kernels on widened operands were 0.93-0.98x: BENCHMARKS.md), else the best float32 kernels.
 const Kernels* best() {
-  if (const Kernels* k = table_for("amx")) return k;
+  for (const char* isa : {"amx", "avx512-bf16"})
+    if (const Kernels* k = table_for(isa)) return k;
   return best_plain();
 }
 
@@ -103,6 +126,7 @@ bool set_isa(const char* isa) {
 const char* supported_isas() {
   static const std::string s = [] {
     std::string out = table_for("amx") ? "amx" : "";
+    if (table_for("avx512-bf16")) out += (out.empty() ? "" : ",") + std::string("avx512-bf16");
     for (const char* isa : {"avx512", "avx2", "generic"})
       if (cpu_has(isa)) out += (out.empty() ? "" : ",") + std::string(isa);
     return out;

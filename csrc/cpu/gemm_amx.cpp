@@ -13,7 +13,7 @@
 namespace fastmlp::cpu {
 
 const AmxKernels& amx_kernels() {
-  static const AmxKernels k{"amx", &amx_tiles::pack_a, &amx_tiles::gemm_cols};
+  static const AmxKernels k{"amx", &amx_tiles::pack_a, &amx_tiles::gemm_cols, true};
   return k;
 }
 

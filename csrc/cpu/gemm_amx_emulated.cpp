@@ -7,7 +7,7 @@
 namespace fastmlp::cpu {
 
 const AmxKernels& amx_emulated_kernels() {
-  static const AmxKernels k{"amx-emulated", &amx_emulated::pack_a, &amx_emulated::gemm_cols};
+  static const AmxKernels k{"amx-emulated", &amx_emulated::pack_a, &amx_emulated::gemm_cols, true};
   return k;
 }
 

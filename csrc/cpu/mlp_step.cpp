@@ -21,8 +21,9 @@
 // float32 kernels on rounded operands compute what a bf16 GEMM with float32 accumulation does. The
 // rounded weights and biases are kept beside the parameters for the whole call (`shadow`): made once
 // at its start, then rewritten by each update as it stores the new parameter. Where the active CPU
-// kernels have AMX tiles (amx.h), the GEMMs run on them instead: their packing rounds the float32
-// operands itself, so neither x nor the weights need a rounded copy (the biases keep theirs).
+// kernels have AMX tiles (amx.h: AmxKernels::whole_step), the GEMMs run on them instead: their
+// packing rounds the float32 operands itself, so neither x nor the weights need a rounded copy (the
+// biases keep theirs).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -84,7 +85,9 @@ class Stepper {
   // rows.
   Stepper(at::TensorList weights, at::TensorList biases, int64_t max_rows, const at::TensorOptions& opts, bool bf16)
       : k_(table<T>()), weights_(weights), has_bias_(!biases.empty()), L_(weights.size()), bf16_(bf16),
-        amx_(bf16 && std::is_same_v<T, float> ? active_kernels().amx : nullptr) {
+        amx_(bf16 && std::is_same_v<T, float> && active_kernels().amx && active_kernels().amx->whole_step
+                 ? active_kernels().amx
+                 : nullptr) {
     // Every temporary lives in one allocation (not a dozen at::empty calls per step):
     // the layers' outputs, the ReLU masks, two dz buffers used in turn, the bias gradient and,
     // for batches longer than one K block, the weight gradient's partial sums.
