@@ -32,16 +32,16 @@ inline at::Tensor amx_linear(const AmxKernels& k, const at::Tensor& x, const at:
   return y;
 }
 
-// The two backward GEMMs of a bf16 layer from dz, the gradient at the pre-activation in float32
-// (M, N) contiguous (gy through the mask: low_precision.cpp), read as float32 and rounded to bf16
-// while packed, which is exact since dz is gy or 0. x (M, K) and w (N, K) bf16 contiguous.
+// The two backward GEMMs of a bf16 layer from dz, the gradient at the pre-activation (M, N)
+// contiguous (gy through the mask: low_precision.cpp), bf16 or float32 (rounded to bf16 while packed,
+// exact since dz is then gy or 0). x (M, K) and w (N, K) bf16 contiguous.
 // gx = dz @ w
 inline at::Tensor amx_grad_input(const AmxKernels& k, const at::Tensor& dz, const at::Tensor& w) {
   const int64_t M = dz.size(0), N = w.size(0), K = w.size(1);
   at::Tensor gx = at::empty({M, K}, w.options());
   GemmLow g;
   g.rows = M, g.cols = K, g.inner = N;
-  g.a = dz.const_data_ptr(), g.a_rs = N, g.a_cs = 1, g.a_f32 = true;
+  g.a = dz.const_data_ptr(), g.a_rs = N, g.a_cs = 1, g.a_f32 = dz.scalar_type() == at::kFloat;
   g.b = w.const_data_ptr(), g.b_rs = K, g.b_cs = 1;
   g.c16 = static_cast<bf16_t*>(gx.data_ptr()), g.ldc = K;
   run_gemm_amx(k, g);
@@ -54,7 +54,7 @@ inline at::Tensor amx_grad_weight(const AmxKernels& k, const at::Tensor& dz, con
   at::Tensor gw = at::empty({N, K}, x.options());
   GemmLow g;
   g.rows = N, g.cols = K, g.inner = M;
-  g.a = dz.const_data_ptr(), g.a_rs = 1, g.a_cs = N, g.a_f32 = true;
+  g.a = dz.const_data_ptr(), g.a_rs = 1, g.a_cs = N, g.a_f32 = dz.scalar_type() == at::kFloat;
   g.b = x.const_data_ptr(), g.b_rs = K, g.b_cs = 1;
   g.c16 = static_cast<bf16_t*>(gw.data_ptr()), g.ldc = K;
   run_gemm_amx(k, g);

@@ -5,14 +5,17 @@
 //   the float32 kernels on operands widened to float32 (exact), their outputs rounded ("widened");
 //   ATen's own low-precision GEMM (at::addmm / at::mm: oneDNN, which uses AVX512-BF16 or AMX where
 //     the CPU has them) followed by fastmlp's ReLU + mask pass, the vendor way of gemm_choice.h.
-// fastmlp's way (AMX, else widened) serves unless "auto" measured the vendor GEMM faster for the
-// shape (or FASTMLP_GEMM=vendor). Low-precision GEMMs are timed from kLowTuneFlops up, small
-// shapes included: without AMX fastmlp has no bfloat16 kernel of its own, and with AMX each call
-// packs the weight into tiles, which oneDNN may do better at a batch of a few rows.
+// (AVX512-BF16 dot products take the AMX kernels' place on CPUs with them and no AMX: amx.h.)
+// fastmlp's way (AMX or AVX512-BF16, else widened) serves unless "auto" measured the vendor GEMM
+// faster for the shape (or FASTMLP_GEMM=vendor). Low-precision GEMMs are timed from kLowTuneFlops
+// up, small shapes included: each call of fastmlp's packs the weight, which oneDNN may do better at
+// a batch of a few rows or at hundreds (512x784->256 on a Zen 5).
 // Results agree to the rounding of the low-precision type; the vendor way equals PyTorch's
 // nn.Linear + nn.ReLU in that dtype bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include <cstring>
 
 #include "amx_ops.h"
 #include "gemm_choice.h"
@@ -66,6 +69,38 @@ void relu_mask(uint16_t* y, int64_t M, int64_t N, uint8_t* mask) {
   });
 }
 
+// The bf16 backward's elementwise pass on the bits: dz = gy where the mask bit is set, else 0 (exact,
+// so dz stays bfloat16: no float32 copy of gy or dz), and gb[j] = float32 sum of dz(i, j) over the
+// rows, top to bottom (the float32 kernels' order, so the same bits). mask null: dz is gy (not
+// written); dz or gb may be null. Split by column chunks, so no sum depends on the thread count.
+void drelu_bias_grad_bf16(const uint16_t* gy, int64_t M, int64_t N, const uint8_t* mask, uint16_t* dz, float* gb) {
+  constexpr int64_t kChunk = 256;
+  const int64_t ldm = div_up(N, 8);
+  at::parallel_for(0, div_up(N, kChunk), std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(M * kChunk, 1)),
+                   [&](int64_t c_begin, int64_t c_end) {
+    float sum[kChunk];
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const int64_t c0 = c * kChunk, n = std::min(kChunk, N - c0);
+      for (int64_t j = 0; j < n; ++j) sum[j] = 0.0f;
+      for (int64_t i = 0; i < M; ++i) {
+        const uint16_t* g = gy + i * N + c0;
+        const uint8_t* m = mask ? mask + i * ldm + c0 / 8 : nullptr;  // c0 is a multiple of 8
+        uint16_t* d = dz ? dz + i * N + c0 : nullptr;
+        for (int64_t j = 0; j < n; ++j) {
+          const uint16_t h = m && !((m[j / 8] >> (j % 8)) & 1) ? uint16_t(0) : g[j];
+          if (d) d[j] = h;
+          uint32_t u = uint32_t(h) << 16;
+          float f;
+          std::memcpy(&f, &u, sizeof f);
+          sum[j] += f;
+        }
+      }
+      if (gb)
+        for (int64_t j = 0; j < n; ++j) gb[c0 + j] = sum[j];
+    }
+  });
+}
+
 void relu_mask(Tensor& y, Tensor* mask) {
   uint8_t* m = mask ? mask->mutable_data_ptr<uint8_t>() : nullptr;
   uint16_t* bits = static_cast<uint16_t*>(y.data_ptr());
@@ -109,33 +144,46 @@ std::tuple<Tensor, Tensor, Tensor> low_precision_backward(const Tensor& gy_, con
   const Tensor gy = gy_.contiguous(), x = x_.contiguous(), w = w_.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const auto dtype = x.scalar_type();
-  // dz (gy through the ReLU) and the bias gradient in float32: dz is exact, gb rounded once.
-  const Tensor gy32 = wide(gy);
-  Tensor dz32 = gy32, gb32 = at::empty({N}, gy32.options());
-  if (mask != nullptr) dz32 = at::empty({M, N}, gy32.options());
-  if (mask != nullptr || needs[2])
-    run_drelu_bias_grad<float>(table<float>(), M, N, gy32.const_data_ptr<float>(),
-                               mask ? mask->const_data_ptr<uint8_t>() : nullptr, div_up(N, 8),
-                               mask ? dz32.mutable_data_ptr<float>() : nullptr,
-                               needs[2] ? gb32.mutable_data_ptr<float>() : nullptr);
+  // dz (gy through the ReLU) and the bias gradient in float32 (gb rounded once). bfloat16: dz in
+  // bfloat16 straight from gy's bits (exact) and float32 made from it only where needed; float16:
+  // through a float32 copy of gy.
+  Tensor gb32 = at::empty({N}, gy.options().dtype(at::kFloat));
+  Tensor dz, dz32;  // dz in the layer's dtype, dz in float32: one made here, the other on first use
+  if (dtype == at::kBFloat16) {
+    dz = mask != nullptr ? at::empty({M, N}, gy.options()) : gy;
+    if (mask != nullptr || needs[2])
+      drelu_bias_grad_bf16(static_cast<const uint16_t*>(gy.const_data_ptr()), M, N,
+                           mask ? mask->const_data_ptr<uint8_t>() : nullptr,
+                           mask ? static_cast<uint16_t*>(dz.data_ptr()) : nullptr,
+                           needs[2] ? gb32.mutable_data_ptr<float>() : nullptr);
+  } else {
+    const Tensor gy32 = wide(gy);
+    dz32 = mask != nullptr ? at::empty({M, N}, gy32.options()) : gy32;
+    if (mask != nullptr || needs[2])
+      run_drelu_bias_grad<float>(table<float>(), M, N, gy32.const_data_ptr<float>(),
+                                 mask ? mask->const_data_ptr<uint8_t>() : nullptr, div_up(N, 8),
+                                 mask ? dz32.mutable_data_ptr<float>() : nullptr,
+                                 needs[2] ? gb32.mutable_data_ptr<float>() : nullptr);
+  }
   Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, x.options());
-  Tensor dz, x32, w32;  // made on first use
+  Tensor x32, w32;  // made on first use
   auto dz_low = [&]() -> const Tensor& { return dz.defined() ? dz : (dz = dz32.to(dtype)); };
+  auto dz_wide = [&]() -> const Tensor& { return dz32.defined() ? dz32 : (dz32 = wide(dz)); };
   auto x_wide = [&]() -> const Tensor& { return x32.defined() ? x32 : (x32 = wide(x)); };
   auto w_wide = [&]() -> const Tensor& { return w32.defined() ? w32 : (w32 = wide(w)); };
   const AmxKernels* amx = dtype == at::kBFloat16 ? active_kernels().amx : nullptr;
   if (needs[0]) {  // gx = dz @ w
     auto ours = [&] {
-      if (amx) gx = amx_grad_input(*amx, dz32, w);
-      else gx = std::get<0>(float_backward(dz32, x_wide(), w_wide(), nullptr, {true, false, false})).to(dtype);
+      if (amx) gx = amx_grad_input(*amx, dz_low(), w);
+      else gx = std::get<0>(float_backward(dz_wide(), x_wide(), w_wide(), nullptr, {true, false, false})).to(dtype);
     };
     if (M == 0 || K == 0) ours();
     else run_chosen(GemmKind::kGradInput, dtype_name(x), M, K, N, kLowTuneFlops, ours, [&] { gx = at::mm(dz_low(), w); });
   }
   if (needs[1]) {  // gw = dz.T @ x (zeros for an empty batch)
     auto ours = [&] {
-      if (amx) gw = amx_grad_weight(*amx, dz32, x);
-      else gw = std::get<1>(float_backward(dz32, x_wide(), w_wide(), nullptr, {false, true, false})).to(dtype);
+      if (amx) gw = amx_grad_weight(*amx, dz_low(), x);
+      else gw = std::get<1>(float_backward(dz_wide(), x_wide(), w_wide(), nullptr, {false, true, false})).to(dtype);
     };
     if (N == 0 || K == 0 || M == 0) ours();
     else run_chosen(GemmKind::kGradWeight, dtype_name(x), N, K, M, kLowTuneFlops, ours,
