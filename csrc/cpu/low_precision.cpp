@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <bit>
 #include <cstring>
 
 #include "amx_ops.h"
@@ -73,30 +74,42 @@ void relu_mask(uint16_t* y, int64_t M, int64_t N, uint8_t* mask) {
 // so dz stays bfloat16: no float32 copy of gy or dz), and gb[j] = float32 sum of dz(i, j) over the
 // rows, top to bottom (the float32 kernels' order, so the same bits). mask null: dz is gy (not
 // written); dz or gb may be null. Split by column chunks, so no sum depends on the thread count.
+// lanes[b][e] = 0xffff if bit e of b is set, else 0: a mask byte as 8 lanes of 16 bits (no per-lane
+// shifts, which the baseline x86-64 this file is compiled for cannot vectorize).
+struct ByteLanes {
+  alignas(16) uint16_t lanes[256][8];
+  constexpr ByteLanes() : lanes() {
+    for (int b = 0; b < 256; ++b)
+      for (int e = 0; e < 8; ++e) lanes[b][e] = (b >> e) & 1 ? 0xffff : 0;
+  }
+};
+constexpr ByteLanes kByteLanes;
+
 void drelu_bias_grad_bf16(const uint16_t* gy, int64_t M, int64_t N, const uint8_t* mask, uint16_t* dz, float* gb) {
-  constexpr int64_t kChunk = 256;
+  constexpr int64_t kChunk = 64;  // columns per task: 4 tasks for a 256-wide layer
   const int64_t ldm = div_up(N, 8);
-  at::parallel_for(0, div_up(N, kChunk), std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(M * kChunk, 1)),
+  const int64_t chunks = div_up(N, kChunk);
+  at::parallel_for(0, chunks, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(M * kChunk, 1)),
                    [&](int64_t c_begin, int64_t c_end) {
-    float sum[kChunk];
+    alignas(64) float sum[kChunk];
+    alignas(64) uint16_t h[kChunk];
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t c0 = c * kChunk, n = std::min(kChunk, N - c0);
-      for (int64_t j = 0; j < n; ++j) sum[j] = 0.0f;
+      for (int64_t j = 0; j < kChunk; ++j) sum[j] = 0.0f;
       for (int64_t i = 0; i < M; ++i) {
         const uint16_t* g = gy + i * N + c0;
-        const uint8_t* m = mask ? mask + i * ldm + c0 / 8 : nullptr;  // c0 is a multiple of 8
-        uint16_t* d = dz ? dz + i * N + c0 : nullptr;
-        for (int64_t j = 0; j < n; ++j) {
-          const uint16_t h = m && !((m[j / 8] >> (j % 8)) & 1) ? uint16_t(0) : g[j];
-          if (d) d[j] = h;
-          uint32_t u = uint32_t(h) << 16;
-          float f;
-          std::memcpy(&f, &u, sizeof f);
-          sum[j] += f;
+        if (mask) {  // c0 is a multiple of 8: the row's bits start at a whole byte
+          const uint8_t* m = mask + i * ldm + c0 / 8;
+          std::memcpy(h, g, size_t(n) * sizeof(uint16_t));
+          for (int64_t k = 0; k < (n + 7) / 8; ++k)  // 8 lanes ANDed with the byte's lane masks
+            for (int e = 0; e < 8; ++e) h[8 * k + e] &= kByteLanes.lanes[m[k]][e];
+          if (dz) std::memcpy(dz + i * N + c0, h, size_t(n) * sizeof(uint16_t));
+        } else {
+          std::memcpy(h, g, size_t(n) * sizeof(uint16_t));
         }
+        for (int64_t j = 0; j < n; ++j) sum[j] += std::bit_cast<float>(uint32_t(h[j]) << 16);
       }
-      if (gb)
-        for (int64_t j = 0; j < n; ++j) gb[c0 + j] = sum[j];
+      if (gb) std::memcpy(gb + c0, sum, size_t(n) * sizeof(float));
     }
   });
 }
