@@ -31,7 +31,8 @@ inline void gemm_cols(const GemmLow& g, const bf16_t* a_packed, int64_t c0, int6
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
-  bf16_t* panel = static_cast<bf16_t*>(scratch(int64_t(sizeof(bf16_t)) * 3 * kp * 16 + int64_t(sizeof(float)) * kAmxRows * kAmxCols));
+  bf16_t* panel = static_cast<bf16_t*>(
+      scratch(int64_t(sizeof(bf16_t)) * 3 * kp * 16 + int64_t(sizeof(float)) * kAmxRows * kAmxCols));
   float* tmp = reinterpret_cast<float*>(panel + 2 * kp * 16);
   bf16_t* work = reinterpret_cast<bf16_t*>(tmp + kAmxRows * kAmxCols);  // pack_b_panel's
   const bf16_t* b0 = panel;

@@ -46,10 +46,10 @@ struct Update {
 //   ReLU, writing a 1-bit mask (bit (j % 8) of mask[i * ldm + j / 8] set iff the sum is > 0) when
 //   mask is given (inference needs none);
 //   or, instead of storing C, an optimizer `update` of a parameter shaped like C (its param / buf /
-//   buf2 with leading dimension ldc).
-// With round_bf16 (float32 only) the finished sum is rounded to bfloat16 after the bias and the input
-// mask, before the ReLU tests it: the result of a bf16 GEMM with float32 accumulation. When inner <= inner_block and B's rows are contiguous
+//   buf2 with leading dimension ldc). When inner <= inner_block and B's rows are contiguous
 //   (b_cs == 1) the gradient never reaches C (c may be null); otherwise C holds it on the way.
+// With round_bf16 (float32 only) the finished sum is rounded to bfloat16 after the bias and the input
+// mask, before the ReLU tests it: the result of a bf16 GEMM with float32 accumulation.
 template <typename T>
 struct Gemm {
   int64_t rows = 0, cols = 0, inner = 0;

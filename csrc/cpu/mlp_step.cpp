@@ -114,8 +114,10 @@ class Stepper {
     const int64_t stage_at = bf16 && !amx_ ? carve(M * fan_in(0) * int64_t(sizeof(T))) : 0;
     std::vector<int64_t> shadow_at;  // bf16: the rounded weights (not with AMX), then the rounded biases
     if (bf16)
-      for (size_t i = 0; i < L_ + biases.size(); ++i)
-        shadow_at.push_back(i < L_ && amx_ ? -1 : carve((i < L_ ? weights[i] : biases[i - L_]).numel() * int64_t(sizeof(T))));
+      for (size_t i = 0; i < L_ + biases.size(); ++i) {
+        const int64_t n = (i < L_ ? weights[i] : biases[i - L_]).numel();
+        shadow_at.push_back(i < L_ && amx_ ? -1 : carve(n * int64_t(sizeof(T))));
+      }
     workspace_ = at::empty({bytes}, opts.dtype(at::kByte));
     uint8_t* base = workspace_.mutable_data_ptr<uint8_t>();
     auto buffer = [&](int64_t at) { return reinterpret_cast<T*>(base + at); };
