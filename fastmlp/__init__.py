@@ -54,9 +54,8 @@ def backend(device="cpu") -> str:
 def backend_info() -> dict:
     """Details behind backend(): extension status, CPU instruction set, what runs bfloat16 on the CPU
     ("cpu_bf16": AMX tiles, AVX512-BF16 dot products, or the float32 kernels on widened operands),
-    which GEMMs serve the layer
-    ops ("gemm" mode, see set_gemm; "cpu_vendor_gemm_shapes": where "auto" chose the vendor GEMM on
-    the CPU; "cuda_vendor_gemm": its rule on CUDA), CUDA build."""
+    which GEMMs serve the layer ops ("gemm" mode, see set_gemm; "cpu_vendor_gemm_shapes": where "auto"
+    chose the vendor GEMM on the CPU; "cuda_vendor_gemm": its rule on CUDA), CUDA build."""
     info = {
         "extension": _ops._C is not None,
         "cpu": backend("cpu"),
