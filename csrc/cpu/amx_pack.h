@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "amx.h"
 
@@ -68,25 +69,15 @@ typedef uint32_t v16u __attribute__((vector_size(64)));
 
 // One stage of the 16 x 16 transpose below: rows x (index i) and y (index i + B, bit B of i clear)
 // exchange the lanes whose index has bit B set in x with those that have it clear in y.
-inline void swap_lanes_1(v16u& x, v16u& y) {
+template <int B, std::size_t... I>
+inline void swap_lanes(v16u& x, v16u& y, std::index_sequence<I...>) {
   const v16u a = x, b = y;
-  x = FASTMLP_SHUFFLE2(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-  y = FASTMLP_SHUFFLE2(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  x = FASTMLP_SHUFFLE2(a, b, (I & B ? 16 + int(I) - B : int(I))...);
+  y = FASTMLP_SHUFFLE2(a, b, (I & B ? 16 + int(I) : int(I) + B)...);
 }
-inline void swap_lanes_2(v16u& x, v16u& y) {
-  const v16u a = x, b = y;
-  x = FASTMLP_SHUFFLE2(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-  y = FASTMLP_SHUFFLE2(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-}
-inline void swap_lanes_4(v16u& x, v16u& y) {
-  const v16u a = x, b = y;
-  x = FASTMLP_SHUFFLE2(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-  y = FASTMLP_SHUFFLE2(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-}
-inline void swap_lanes_8(v16u& x, v16u& y) {
-  const v16u a = x, b = y;
-  x = FASTMLP_SHUFFLE2(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-  y = FASTMLP_SHUFFLE2(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+template <int B>
+inline void swap_lanes(v16u& x, v16u& y) {
+  swap_lanes<B>(x, y, std::make_index_sequence<16>{});
 }
 
 // dst row r = column r of the 16 x 16 block of 32-bit words at src (row strides lds and ldd, in
@@ -95,12 +86,12 @@ inline void transpose16_u32(const uint32_t* src, int64_t lds, uint32_t* dst, int
   v16u r[16];
   for (int i = 0; i < 16; ++i) std::memcpy(&r[i], src + i * lds, sizeof(v16u));
   for (int i = 0; i < 16; ++i)
-    if (!(i & 1)) swap_lanes_1(r[i], r[i + 1]);
+    if (!(i & 1)) swap_lanes<1>(r[i], r[i + 1]);
   for (int i = 0; i < 16; ++i)
-    if (!(i & 2)) swap_lanes_2(r[i], r[i + 2]);
+    if (!(i & 2)) swap_lanes<2>(r[i], r[i + 2]);
   for (int i = 0; i < 16; ++i)
-    if (!(i & 4)) swap_lanes_4(r[i], r[i + 4]);
-  for (int i = 0; i < 8; ++i) swap_lanes_8(r[i], r[i + 8]);
+    if (!(i & 4)) swap_lanes<4>(r[i], r[i + 4]);
+  for (int i = 0; i < 8; ++i) swap_lanes<8>(r[i], r[i + 8]);
   for (int i = 0; i < 16; ++i) std::memcpy(dst + i * ldd, &r[i], sizeof(v16u));
 }
 

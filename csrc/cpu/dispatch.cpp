@@ -49,44 +49,32 @@ const Kernels* best_plain() {
   return &kernels_generic();
 }
 
+// `base`'s float32 / float64 kernels with the bfloat16 GEMM `bf16`, named `isa`.
+Kernels with_bf16(const Kernels& base, const char* isa, const AmxKernels& bf16) {
+  Kernels t = base;
+  t.isa = isa;
+  t.amx = &bf16;
+  return t;
+}
+
 const Kernels* table_for(const char* isa) {
   if (std::strcmp(isa, "amx-emulated") == 0) {
-    static const Kernels k = [] {
-      Kernels t = *best_plain();
-      t.isa = "amx-emulated";
-      t.amx = &amx_emulated_kernels();
-      return t;
-    }();
+    static const Kernels k = with_bf16(*best_plain(), "amx-emulated", amx_emulated_kernels());
     return &k;
   }
   if (std::strcmp(isa, "avx512-bf16-emulated") == 0) {
-    static const Kernels k = [] {
-      Kernels t = *best_plain();
-      t.isa = "avx512-bf16-emulated";
-      t.amx = &dpbf16_emulated_kernels();
-      return t;
-    }();
+    static const Kernels k = with_bf16(*best_plain(), "avx512-bf16-emulated", dpbf16_emulated_kernels());
     return &k;
   }
 #if defined(__x86_64__) || defined(_M_X64)
   if (std::strcmp(isa, "amx") == 0) {
     if (!cpu_has("avx512") || !amx_usable()) return nullptr;
-    static const Kernels k = [] {
-      Kernels t = kernels_avx512();
-      t.isa = "amx";
-      t.amx = &amx_kernels();
-      return t;
-    }();
+    static const Kernels k = with_bf16(kernels_avx512(), "amx", amx_kernels());
     return &k;
   }
   if (std::strcmp(isa, "avx512-bf16") == 0) {
     if (!cpu_has("avx512-bf16")) return nullptr;
-    static const Kernels k = [] {
-      Kernels t = kernels_avx512();
-      t.isa = "avx512-bf16";
-      t.amx = &dpbf16_kernels();
-      return t;
-    }();
+    static const Kernels k = with_bf16(kernels_avx512(), "avx512-bf16", dpbf16_kernels());
     return &k;
   }
 #endif
