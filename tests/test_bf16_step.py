@@ -196,3 +196,19 @@ def test_bf16_ops_compile_and_check():
     with torch.no_grad():
         loss = step(x[:batch], y[:batch])
     assert loss.shape == () and torch.isfinite(loss)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_ops_refuse_bf16_and_train_step_uses_autocast():
+    """On a GPU the step ops refuse bf16=True with a message; FusedMLP.train_step(precision="bf16")
+    trains there under autocast instead."""
+    from fastmlp.step_binding import bind
+    model = fastmlp.FusedMLP([8, 4, 3], device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(5, 8, device="cuda"), torch.tensor([0, 1, 2, 0, 1], device="cuda")
+    with pytest.raises(RuntimeError, match="bf16=True is implemented for CPU tensors only"):
+        bind(model, opt).step(x, y, bf16=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model.train_step(x, y, opt, precision="bf16")
+    assert torch.isfinite(loss) and any(not torch.equal(p, q) for p, q in zip(before, model.parameters()))
