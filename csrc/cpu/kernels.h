@@ -141,7 +141,8 @@ struct Kernels {
   const char* isa;
   KernelTable<float> f32;
   KernelTable<double> f64;
-  // bfloat16 GEMMs on AMX tiles, or null: bf16 then runs on the float32 kernels (operands widened).
+  // bfloat16 GEMMs on AMX tiles or AVX512-BF16 (amx.h), or null: bf16 then runs on the float32
+  // kernels (operands widened).
   const AmxKernels* amx = nullptr;
 };
 
