@@ -47,7 +47,7 @@ void relu_mask(uint16_t* y, int64_t M, int64_t N, uint8_t* mask) {
   const int64_t ldm = div_up(N, 8);
   constexpr int64_t kChunk = 512;
   at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(N, 1)), [&](int64_t r0, int64_t r1) {
-    uint8_t pos[kChunk];
+    uint8_t pos[kChunk + 8];
     for (int64_t i = r0; i < r1; ++i) {
       uint16_t* row = y + i * N;
       for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
@@ -60,10 +60,12 @@ void relu_mask(uint16_t* y, int64_t M, int64_t N, uint8_t* mask) {
         }
         if (mask == nullptr) continue;
         uint8_t* m = mask + i * ldm + c0 / 8;  // c0 is a multiple of 8
+        std::memset(pos + n, 0, 8);
+        // Eight 0/1 bytes to the bits of one: the multiply gathers byte e's bit into bit 56 + e.
         for (int64_t j0 = 0; j0 < n; j0 += 8) {
-          uint32_t bits = 0;
-          for (int64_t j = j0; j < std::min(n, j0 + 8); ++j) bits |= uint32_t(pos[j]) << (j - j0);
-          m[j0 / 8] = uint8_t(bits);
+          uint64_t bytes;
+          std::memcpy(&bytes, pos + j0, sizeof bytes);
+          m[j0 / 8] = uint8_t((bytes * 0x0102040810204080ull) >> 56);
         }
       }
     }
