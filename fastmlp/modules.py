@@ -3,6 +3,7 @@ state_dict keys), FusedMLP stacks them, convert() rewrites an existing model in 
 Linear -> ReLU pairs."""
 
 import copy
+import functools
 from collections import OrderedDict
 from typing import Sequence
 
@@ -139,7 +140,7 @@ class FusedMLP(nn.Sequential):
             self._check_input("train_step", x)
             if x.device.type != "cpu":
                 return self._autocast_step(x, target, optimizer)
-            return _without_grad(bind(self, optimizer, kind).step, x, target, None, None, True)
+            return _without_grad(functools.partial(bind(self, optimizer, kind).step, bf16=True), x, target)
         return getattr(self, f"{kind}_step")(x, target, optimizer)
 
     def _autocast_step(self, x, target, optimizer):

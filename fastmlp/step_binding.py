@@ -53,17 +53,13 @@ class StepArgs:
         """One step on (x, target) at learning rate `lr` (default: the optimizer's) times lr_scale, in
         bfloat16 arithmetic when bf16 (the op's bf16 argument)."""
         op = torch.ops.fastmlp.mlp_sgd_step if self.kind == "sgd" else torch.ops.fastmlp.mlp_adam_step
-        lr = self.lr if lr is None else lr
-        if bf16:
-            return op(x, target, *self.tensor_lists, lr, *self.hyper, lr_scale=lr_scale, bf16=True)
-        return op(x, target, *self.tensor_lists, lr, *self.hyper, lr_scale=lr_scale)
+        return op(x, target, *self.tensor_lists, self.lr if lr is None else lr, *self.hyper, lr_scale=lr_scale,
+                  bf16=bf16)
 
     def steps(self, x, target, batch_size, lrs, bf16=False):
         """One step per consecutive batch of batch_size rows, step s at lrs[s]."""
         op = torch.ops.fastmlp.mlp_sgd_steps if self.kind == "sgd" else torch.ops.fastmlp.mlp_adam_steps
-        if bf16:
-            return op(x, target, batch_size, *self.tensor_lists, list(lrs), *self.hyper, bf16=True)
-        return op(x, target, batch_size, *self.tensor_lists, list(lrs), *self.hyper)
+        return op(x, target, batch_size, *self.tensor_lists, list(lrs), *self.hyper, bf16=bf16)
 
     def graph_key(self) -> tuple:
         """Equal for two StepArgs whose op calls a captured CUDA graph can replay (same tensors,

@@ -42,6 +42,17 @@ struct GemmLow {
   int64_t ldm = 0;
 };
 
+// The product part of a GemmLow (rows x inner @ inner x cols, operands with their strides and
+// storage); the caller adds the output and the epilogue.
+inline GemmLow gemm_low(int64_t rows, int64_t inner, int64_t cols, const void* a, int64_t a_rs, int64_t a_cs,
+                        bool a_f32, const void* b, int64_t b_rs, int64_t b_cs, bool b_f32) {
+  GemmLow g;
+  g.rows = rows, g.cols = cols, g.inner = inner;
+  g.a = a, g.a_rs = a_rs, g.a_cs = a_cs, g.a_f32 = a_f32;
+  g.b = b, g.b_rs = b_rs, g.b_cs = b_cs, g.b_f32 = b_f32;
+  return g;
+}
+
 inline constexpr int64_t kAmxK = 32;     // bf16 values of K per tile row (64 bytes)
 inline constexpr int64_t kAmxRows = 32;  // rows of C per block (two 16-row tiles)
 inline constexpr int64_t kAmxCols = 32;  // columns of C per panel (two 16-column tiles)

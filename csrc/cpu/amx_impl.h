@@ -31,15 +31,13 @@ inline void gemm_cols(const GemmLow& g, const bf16_t* a_packed, int64_t c0, int6
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
-  bf16_t* panel = static_cast<bf16_t*>(
-      scratch(int64_t(sizeof(bf16_t)) * 3 * kp * 16 + int64_t(sizeof(float)) * kAmxRows * kAmxCols));
-  float* tmp = reinterpret_cast<float*>(panel + 2 * kp * 16);
-  bf16_t* work = reinterpret_cast<bf16_t*>(tmp + kAmxRows * kAmxCols);  // pack_b_panel's
-  const bf16_t* b0 = panel;
-  const bf16_t* b1 = panel + kp * 16;
+  const PanelBuffers buf = panel_buffers(kp);
+  float* tmp = buf.sums;
+  const bf16_t* b0 = buf.panel;
+  const bf16_t* b1 = buf.panel + kp * 16;
   const long lda = long(kp * sizeof(bf16_t));
   for (int64_t j0 = c0; j0 < c1; j0 += kAmxCols) {
-    pack_b_panel(g, j0, kp, panel, work);
+    pack_b_panel(g, j0, kp, buf.panel, buf.work);
     for (int64_t i0 = 0; i0 < mp; i0 += kAmxRows) {
       const bf16_t* a0 = a_packed + i0 * kp;
       const bf16_t* a1 = a0 + 16 * kp;

@@ -20,10 +20,7 @@ inline at::Tensor amx_linear(const AmxKernels& k, const at::Tensor& x, const at:
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   const at::Tensor b32 = b.has_value() ? b->to(at::kFloat).contiguous() : at::Tensor();
-  GemmLow g;
-  g.rows = M, g.cols = N, g.inner = K;
-  g.a = x.const_data_ptr(), g.a_rs = K, g.a_cs = 1;
-  g.b = w.const_data_ptr(), g.b_rs = 1, g.b_cs = K;  // B = w.T
+  GemmLow g = gemm_low(M, K, N, x.const_data_ptr(), K, 1, false, w.const_data_ptr(), 1, K, false);  // B = w.T
   g.c16 = static_cast<bf16_t*>(y.data_ptr()), g.ldc = N;
   g.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
   g.relu = relu;
@@ -39,10 +36,8 @@ inline at::Tensor amx_linear(const AmxKernels& k, const at::Tensor& x, const at:
 inline at::Tensor amx_grad_input(const AmxKernels& k, const at::Tensor& dz, const at::Tensor& w) {
   const int64_t M = dz.size(0), N = w.size(0), K = w.size(1);
   at::Tensor gx = at::empty({M, K}, w.options());
-  GemmLow g;
-  g.rows = M, g.cols = K, g.inner = N;
-  g.a = dz.const_data_ptr(), g.a_rs = N, g.a_cs = 1, g.a_f32 = dz.scalar_type() == at::kFloat;
-  g.b = w.const_data_ptr(), g.b_rs = K, g.b_cs = 1;
+  GemmLow g = gemm_low(M, N, K, dz.const_data_ptr(), N, 1, dz.scalar_type() == at::kFloat, w.const_data_ptr(), K, 1,
+                       false);
   g.c16 = static_cast<bf16_t*>(gx.data_ptr()), g.ldc = K;
   run_gemm_amx(k, g);
   return gx;
@@ -52,10 +47,8 @@ inline at::Tensor amx_grad_input(const AmxKernels& k, const at::Tensor& dz, cons
 inline at::Tensor amx_grad_weight(const AmxKernels& k, const at::Tensor& dz, const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1), N = dz.size(1);
   at::Tensor gw = at::empty({N, K}, x.options());
-  GemmLow g;
-  g.rows = N, g.cols = K, g.inner = M;
-  g.a = dz.const_data_ptr(), g.a_rs = 1, g.a_cs = N, g.a_f32 = dz.scalar_type() == at::kFloat;
-  g.b = x.const_data_ptr(), g.b_rs = K, g.b_cs = 1;
+  GemmLow g = gemm_low(N, M, K, dz.const_data_ptr(), 1, N, dz.scalar_type() == at::kFloat, x.const_data_ptr(), K, 1,
+                       false);
   g.c16 = static_cast<bf16_t*>(gw.data_ptr()), g.ldc = K;
   run_gemm_amx(k, g);
   return gw;

@@ -195,6 +195,20 @@ inline void pack_b_panel(const GemmLow& g, int64_t j0, int64_t kp, bf16_t* dst, 
   }
 }
 
+// A GEMM thread's buffers for one 32-column panel: the two packed VNNI sub-panels of B (b0, b1),
+// pack_b_panel's work rows and a 32 x 32 block of float32 sums; in this thread's scratch.
+struct PanelBuffers {
+  bf16_t* panel;  // b0 = panel, b1 = panel + kp * 16
+  bf16_t* work;
+  float* sums;
+};
+inline PanelBuffers panel_buffers(int64_t kp) {
+  bf16_t* panel = static_cast<bf16_t*>(
+      scratch(int64_t(sizeof(bf16_t)) * 3 * kp * 16 + int64_t(sizeof(float)) * kAmxRows * kAmxCols));
+  float* sums = reinterpret_cast<float*>(panel + 2 * kp * 16);
+  return {panel, reinterpret_cast<bf16_t*>(sums + kAmxRows * kAmxCols), sums};
+}
+
 // The epilogue of one 32 x 32 block (rows from i0, columns from j0, ncols valid) held in tmp. Each
 // row goes through fixed-length loops over all 32 columns (the compiler vectorizes them; columns
 // past ncols are computed from tmp's padding and never stored): at batch 64 the weight gradient's

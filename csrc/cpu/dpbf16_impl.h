@@ -46,14 +46,12 @@ inline void dp_rows(const bf16_t* a_packed, int64_t kp, int64_t i0, const uint32
 template <class D>
 inline void dp_gemm_cols(const GemmLow& g, const bf16_t* a_packed, int64_t c0, int64_t c1) {
   const int64_t kp = amx_pad(g.inner, kAmxK), mp = amx_pad(g.rows, kAmxRows);
-  bf16_t* panel = static_cast<bf16_t*>(
-      scratch(int64_t(sizeof(bf16_t)) * 3 * kp * 16 + int64_t(sizeof(float)) * kAmxRows * kAmxCols));
-  float* tmp = reinterpret_cast<float*>(panel + 2 * kp * 16);
-  bf16_t* work = reinterpret_cast<bf16_t*>(tmp + kAmxRows * kAmxCols);
-  const uint32_t* b0 = reinterpret_cast<const uint32_t*>(panel);
-  const uint32_t* b1 = reinterpret_cast<const uint32_t*>(panel + kp * 16);
+  const PanelBuffers buf = panel_buffers(kp);
+  float* tmp = buf.sums;
+  const uint32_t* b0 = reinterpret_cast<const uint32_t*>(buf.panel);
+  const uint32_t* b1 = reinterpret_cast<const uint32_t*>(buf.panel + kp * 16);
   for (int64_t j0 = c0; j0 < c1; j0 += kAmxCols) {
-    pack_b_panel(g, j0, kp, panel, work);
+    pack_b_panel(g, j0, kp, buf.panel, buf.work);
     for (int64_t i0 = 0; i0 < mp; i0 += kAmxRows) {
       // Row groups wholly past the last row are padding: skipped (finish_block never reads them).
       for (int64_t r0 = i0; r0 < i0 + kAmxRows && r0 < g.rows; r0 += kDpRows)

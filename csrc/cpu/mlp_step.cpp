@@ -224,10 +224,7 @@ class Stepper {
   void amx_gemm(int64_t rows, int64_t inner, int64_t cols, const T* a, int64_t a_rs, int64_t a_cs, const T* b,
                 int64_t b_rs, int64_t b_cs, T* c, const T* bias, const uint8_t* mask_in, bool relu, uint8_t* mask) {
     if constexpr (std::is_same_v<T, float>) {
-      GemmLow g;
-      g.rows = rows, g.cols = cols, g.inner = inner;
-      g.a = a, g.a_rs = a_rs, g.a_cs = a_cs, g.a_f32 = true;
-      g.b = b, g.b_rs = b_rs, g.b_cs = b_cs, g.b_f32 = true;
+      GemmLow g = gemm_low(rows, inner, cols, a, a_rs, a_cs, true, b, b_rs, b_cs, true);
       g.c32 = c, g.ldc = cols, g.round_c32 = true;
       g.bias = bias;
       g.mask_in = mask_in, g.ldm_in = div_up(cols, 8);
