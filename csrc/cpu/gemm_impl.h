@@ -303,13 +303,20 @@ struct GemmImpl {
       for (int j = 0; j < width; ++j) dst[p * NRW + j] = j < ncols ? src[p * g.b_rs + j * g.b_cs] : T(0);
   }
 
-  // dst[tile][p][r] = A(m0 + tile * MR + r, pc + p), zero-padded to whole tiles; A's rows are adjacent.
+  // dst[tile][p][r] = A(m0 + tile * MR + r, pc + p), zero-padded to whole tiles; A's rows are adjacent
+  // (dz.T in dW: a tile row of A is a run of a dz row). Whole vectors are stored: lanes past MR land
+  // on the next step's slots, which that step rewrites (steps and tiles go up), and the last step's
+  // on kPackSlack elements of scratch past the block. A tile with all MR rows reads on past them,
+  // within A's rows, values that land only in such rewritten slots.
+  static constexpr int kPackSlack = L;
   static void pack_a(const Gemm<T>& g, int64_t m0, int64_t m1, int64_t pc, int64_t kc, T* dst) {
     for (int64_t i0 = m0; i0 < m1; i0 += MR, dst += kc * MR) {
       const int rows = int(imin(MR, m1 - i0));
+      const int64_t avail = rows < MR ? rows : g.rows - i0;  // lanes that may be read from A
       const T* src = g.a + i0 + pc * g.a_cs;
       for (int64_t p = 0; p < kc; ++p)
-        for (int r = 0; r < MR; ++r) dst[p * MR + r] = r < rows ? src[p * g.a_cs + r] : T(0);
+        for (int q = 0; q < MR; q += L)
+          V::store(dst + p * MR + q, load_upto(src + p * g.a_cs + q, int(imax(0, imin(L, avail - q)))));
     }
   }
 
@@ -464,9 +471,9 @@ struct GemmImpl {
     const int64_t strip_ld = (c1 - c0 + L - 1) / L * L;
     constexpr int64_t kMcTiles = (MC + MR - 1) / MR;
     T* panel = static_cast<T*>(
-        scratch(int64_t(sizeof(T)) * (KC * NRW + kMcTiles * MR * KC + (strips ? MR * strip_ld : 0))));
+        scratch(int64_t(sizeof(T)) * (KC * NRW + kMcTiles * MR * KC + kPackSlack + (strips ? MR * strip_ld : 0))));
     T* a_block = panel + KC * NRW;
-    T* strip = a_block + kMcTiles * MR * KC;
+    T* strip = a_block + kMcTiles * MR * KC + kPackSlack;
     Tile t;
     t.ldb = pack_b ? NRW : g.b_rs;
     t.a_rs = pack_a_block ? 1 : g.a_rs;
