@@ -97,7 +97,8 @@ def set_gemm(mode: str = "auto") -> None:
     """Select the GEMM of the layer ops (linear_relu, linear, FusedMLP inference), CPU and CUDA:
 
     "auto"     (default) fastmlp's kernels, except where the vendor GEMM is faster: on the CPU a GEMM
-               of at least 2^28 flop (2^16 in bfloat16/float16) is timed once per process both ways
+               of at least 2^23 flop at a batch of at least 256 (bfloat16/float16: 2^16 flop, any
+               batch) is timed once per process both ways
                (fastmlp's kernel, and ATen's GEMM, i.e. MKL or oneDNN, followed by fastmlp's own
                bias + ReLU + mask epilogue) and the faster serves that shape from then on
                (gemm_choices() lists what was timed); on CUDA a GEMM of at least 2^28 flop goes to

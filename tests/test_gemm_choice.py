@@ -80,7 +80,7 @@ def test_auto_times_large_gemms_once_and_records_the_choice(gemm_mode):
     small = fastmlp.FusedLinearReLU(784, 256)
     small(torch.randn(64, 784, requires_grad=True)).sum().backward()
     assert fastmlp.gemm_choices() == [], "a batch-64 layer must never be timed against the vendor GEMM"
-    # 1100 x 784 -> 256: 2 * 1100 * 784 * 256 = 442 Mflop per GEMM, above the 2^28 threshold.
+    # 1100 x 784 -> 256: 2 * 1100 * 784 * 256 = 442 Mflop per GEMM, batch 1100: timed.
     _check(True, (1100, 784), 256, True, torch.float32, "cpu")
     choices = fastmlp.gemm_choices()
     assert sorted(c["kind"] for c in choices) == ["forward", "grad_input", "grad_weight"], choices
@@ -95,6 +95,18 @@ def test_auto_times_large_gemms_once_and_records_the_choice(gemm_mode):
     assert len(fastmlp.gemm_choices()) == 3
     fastmlp.set_gemm("fastmlp")
     assert fastmlp.gemm_choices() == []
+
+
+@pytest.mark.parametrize("gemm_mode", ["auto"], indirect=True)
+def test_auto_times_only_from_batch_256_and_2_23_flop(gemm_mode):
+    torch.manual_seed(0)
+    _check(True, (255, 784), 256, True, torch.float32, "cpu")  # 102 Mflop per GEMM, but batch 255
+    _check(True, (300, 128), 64, True, torch.float32, "cpu")  # batch 300, but 4.9 Mflop
+    assert fastmlp.gemm_choices() == []
+    _check(True, (512, 128), 64, True, torch.float32, "cpu")  # 2 * 512 * 128 * 64 = 2^23 flop
+    choices = fastmlp.gemm_choices()
+    assert sorted(c["kind"] for c in choices) == ["forward", "grad_input", "grad_weight"], choices
+    assert all(512 in (c["rows"], c["inner"]) for c in choices)
 
 
 @pytest.mark.parametrize("gemm_mode", ["vendor"], indirect=True)

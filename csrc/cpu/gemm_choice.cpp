@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -149,7 +150,9 @@ void run_chosen(GemmKind kind, const char* dtype, int64_t rows, int64_t cols, in
 template <typename T>
 void run_layer_gemm(const KernelTable<T>& k, const Gemm<T>& g, GemmKind kind) {
   if (g.mask_in != nullptr || g.update.kind != UpdateKind::kNone) return run_gemm(k, g);
-  run_chosen(kind, sizeof(T) == 4 ? "float32" : "float64", g.rows, g.cols, g.inner, kTuneFlops,
+  const int64_t batch = kind == GemmKind::kGradWeight ? g.inner : g.rows;
+  const int64_t min_flops = batch >= kTuneBatch ? kTuneFlops : std::numeric_limits<int64_t>::max();
+  run_chosen(kind, sizeof(T) == 4 ? "float32" : "float64", g.rows, g.cols, g.inner, min_flops,
              [&] { run_gemm(k, g); }, [&] { vendor_gemm(k, g); });
 }
 

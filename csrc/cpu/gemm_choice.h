@@ -6,10 +6,11 @@
 // Mode, from $FASTMLP_GEMM at the first layer op or from set_gemm_mode():
 //   fastmlp  always the hand-written kernels (bitwise reproducible run to run);
 //   vendor   ATen's GEMM for every layer GEMM that has one (for comparison and testing);
-//   auto     (default) float32/64 GEMMs of at least kTuneFlops are timed once per process, both
-//            ways, on their own operands; the faster serves that GEMM from then on. Smaller ones
-//            never leave the hand-written kernels (they must win there on their own; BENCHMARKS.md).
-//            bfloat16/float16 GEMMs are timed from a lower size (low_precision.cpp).
+//   auto     (default) float32/64 GEMMs of at least kTuneFlops at a batch of at least kTuneBatch
+//            are timed once per process, both ways, on their own operands; the faster serves that
+//            GEMM from then on. Others never leave the hand-written kernels: a training batch (64)
+//            must be won on its own (BENCHMARKS.md). bfloat16/float16 GEMMs are timed from a lower
+//            size and at any batch (low_precision.cpp).
 // Which way won is recorded per (GEMM kind, dtype, batch rounded down to a power of two, the
 // layer's two widths, threads, ISA) and listed by gemm_choices() (fastmlp.gemm_choices()); the
 // batch is C's rows in the forward and dX GEMMs, the sum's length (inner) in dW. The whole-step
@@ -31,7 +32,11 @@ GemmMode gemm_mode();
 const char* gemm_mode_name();
 bool set_gemm_mode(const char* name);  // false for an unknown name; clears the recorded choices
 
-inline constexpr int64_t kTuneFlops = int64_t(1) << 28;  // 2 * rows * cols * inner
+// The batch is C's rows in the forward and dX GEMMs, the sum's length (inner) in dW. Both bounds
+// are measured (BENCHMARKS.md, 2026-12-02): the narrow layers' gradients at batch 1024-8192 (8-134
+// Mflop) are where the hand-written kernels can lose to the vendor's.
+inline constexpr int64_t kTuneFlops = int64_t(1) << 23;  // 2 * rows * cols * inner
+inline constexpr int64_t kTuneBatch = 256;
 
 // One tuned GEMM shape and what it measured.
 struct GemmChoice {

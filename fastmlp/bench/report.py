@@ -169,7 +169,7 @@ def format_gemm_choices(gemm) -> str:
         if not gemm["choices"]:
             lines[0] += " (no GEMM large enough to time against ATen's; the hand-written kernels served all)"
         else:
-            lines[0] += " (GEMMs of >= 2^28 flop timed once both ways, the faster kept):"
+            lines[0] += " (GEMMs of >= 2^23 flop at batch >= 256 timed once both ways, the faster kept):"
             rows = [[c["kind"], f"{c['rows']}x{c['inner']}->{c['cols']}", c["dtype"], str(c["threads"]),
                      fmt_time(c["fastmlp_us"] * 1e-6), fmt_time(c["vendor_us"] * 1e-6),
                      "ATen (vendor)" if c["gemm"] == "vendor" else "fastmlp"] for c in gemm["choices"]]
