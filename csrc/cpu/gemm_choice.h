@@ -32,9 +32,9 @@ GemmMode gemm_mode();
 const char* gemm_mode_name();
 bool set_gemm_mode(const char* name);  // false for an unknown name; clears the recorded choices
 
-// The batch is C's rows in the forward and dX GEMMs, the sum's length (inner) in dW. Both bounds
-// are measured (BENCHMARKS.md, 2026-12-02): the narrow layers' gradients at batch 1024-8192 (8-134
-// Mflop) are where the hand-written kernels can lose to the vendor's.
+// Both bounds from measurements (BENCHMARKS.md, 2026-12-02): the narrow layers' gradients at batch
+// 1024-8192 (8-134 Mflop) are where the hand-written kernels can lose to the vendor's; batch 64
+// never leaves them.
 inline constexpr int64_t kTuneFlops = int64_t(1) << 23;  // 2 * rows * cols * inner
 inline constexpr int64_t kTuneBatch = 256;
 
