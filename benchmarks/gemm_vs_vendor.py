@@ -75,6 +75,12 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    try:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+        if any(len(s) != 3 or min(s) < 1 for s in shapes):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--shapes: expected comma-separated BATCHxINxOUT of positive integers, got {args.shapes!r}")
     import fastmlp  # here, not at import: tests load this module before choosing fastmlp's settings
 
     if args.threads:
@@ -94,8 +100,8 @@ def main(argv=None) -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     rows = []
     torch.manual_seed(0)
-    for shape in args.shapes.split(","):
-        m, k, n = (int(v) for v in shape.split("x"))
+    for m, k, n in shapes:
+        shape = f"{m}x{k}x{n}"
         x, w, b = torch.randn(m, k), torch.randn(n, k) / k ** 0.5, torch.randn(n) * 0.1
         gy = torch.randn(m, n)
         y, mask = ops.linear_relu_fwd(x, w, b)
