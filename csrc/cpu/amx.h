@@ -10,10 +10,20 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace fastmlp::cpu {
 
 using bf16_t = uint16_t;  // the bits of a bfloat16
+
+// The mask byte of eight 0/1 bytes at p (bit e = byte e): one multiply gathers byte e's bit into bit
+// 56 + e. The bf16 epilogues make their ReLU masks this way, not a compare and shift per element.
+// static: each translation unit keeps its own copy, compiled for its own target instruction set.
+static inline uint8_t bits_of_bytes(const uint8_t* p) {
+  uint64_t bytes;
+  std::memcpy(&bytes, p, sizeof bytes);
+  return uint8_t((bytes * 0x0102040810204080ull) >> 56);
+}
 
 // C(i, j) = sum_p A(i, p) * B(p, j); A(i, p) = a[i * a_rs + p * a_cs], B(p, j) = b[p * b_rs + j * b_cs].
 // Epilogue on each float32 sum, in order: + bias[j] (float32); 0 unless bit j % 8 of

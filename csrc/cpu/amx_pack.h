@@ -241,14 +241,9 @@ inline void finish_block(const GemmLow& g, const float* tmp, int64_t i0, int64_t
         h[n] = keep[n] ? h[n] : bf16_t(0);
       }
       if (g.mask) {
-        // Eight 0/1 bytes to the bits of one: the multiply gathers byte e's bit into bit 56 + e
-        // (one bit at a time was a scalar compare per element: a sixth of the bf16 forward).
-        for (int k = 0; k < (ncols + 7) / 8; ++k) {
-          uint64_t bytes;
-          std::memcpy(&bytes, pos + 8 * k, sizeof bytes);
-          const uint8_t byte = uint8_t((bytes * 0x0102040810204080ull) >> 56);
-          g.mask[i * g.ldm + j0 / 8 + k] = byte & uint8_t(k * 8 + 8 <= ncols ? 0xff : (1u << (ncols % 8)) - 1);
-        }
+        for (int k = 0; k < (ncols + 7) / 8; ++k)
+          g.mask[i * g.ldm + j0 / 8 + k] =
+              bits_of_bytes(pos + 8 * k) & uint8_t(k * 8 + 8 <= ncols ? 0xff : (1u << (ncols % 8)) - 1);
       }
     }
     if (g.c16) std::memcpy(g.c16 + i * g.ldc + j0, h, size_t(ncols) * sizeof(bf16_t));

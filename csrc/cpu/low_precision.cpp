@@ -60,13 +60,8 @@ void relu_mask(uint16_t* y, int64_t M, int64_t N, uint8_t* mask) {
         }
         if (mask == nullptr) continue;
         uint8_t* m = mask + i * ldm + c0 / 8;  // c0 is a multiple of 8
-        std::memset(pos + n, 0, 8);
-        // Eight 0/1 bytes to the bits of one: the multiply gathers byte e's bit into bit 56 + e.
-        for (int64_t j0 = 0; j0 < n; j0 += 8) {
-          uint64_t bytes;
-          std::memcpy(&bytes, pos + j0, sizeof bytes);
-          m[j0 / 8] = uint8_t((bytes * 0x0102040810204080ull) >> 56);
-        }
+        std::memset(pos + n, 0, 8);  // the last byte's bits past n
+        for (int64_t j0 = 0; j0 < n; j0 += 8) m[j0 / 8] = bits_of_bytes(pos + j0);
       }
     }
   });

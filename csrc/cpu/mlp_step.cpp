@@ -173,9 +173,7 @@ class Stepper {
         amx_gemm(M, K, N, input(l), K, 1, w_[l], 1, K, out_[l], bias(l), nullptr, l + 1 < L, masks_[l]);
         continue;
       }
-      Gemm<T> g = layer_forward<T>(M, K, N, input(l), weight(l), bias(l), out_[l], l + 1 < L, masks_[l]);
-      g.round_bf16 = bf16_;
-      run_gemm(k_, g);
+      gemm(layer_forward<T>(M, K, N, input(l), weight(l), bias(l), out_[l], l + 1 < L, masks_[l]));
     }
 
     int which = 0;
@@ -197,9 +195,7 @@ class Stepper {
         if (amx_) {
           amx_gemm(M, N, K, dz, N, 1, w_[l], K, 1, dz_prev, nullptr, masks_[l - 1], false, nullptr);
         } else {
-          Gemm<T> g = layer_grad_input<T>(M, K, N, dz, weight(l), dz_prev, masks_[l - 1]);
-          g.round_bf16 = bf16_;
-          run_gemm(k_, g);
+          gemm(layer_grad_input<T>(M, K, N, dz, weight(l), dz_prev, masks_[l - 1]));
         }
       }
       if (amx_) {  // dW = dz.T @ input(l) on the tiles into `partial`, then the update
@@ -209,8 +205,7 @@ class Stepper {
         // Partial sums park in C between K blocks; one block needs no C at all.
         Gemm<T> g = layer_grad_weight<T>(M, K, N, dz, input(l), M > k_.inner_block ? partial_ : nullptr);
         g.update = with_shadow(l);
-        g.round_bf16 = bf16_;
-        run_gemm(k_, g);
+        gemm(g);
       }
       dz = dz_prev;
     }
@@ -218,6 +213,12 @@ class Stepper {
   }
 
  private:
+  // g on the float32 kernels, its result rounded to bfloat16 in a bf16 step.
+  void gemm(Gemm<T> g) {
+    g.round_bf16 = bf16_;
+    run_gemm(k_, g);
+  }
+
   // C (rows x cols, contiguous, bf16-rounded float32) = A @ B on AMX tiles: A(i, p) = a[i * a_rs + p * a_cs],
   // B(p, j) = b[p * b_rs + j * b_cs], both float32 rounded while packed; then + bias, the input mask,
   // ReLU and its mask (see GemmLow).
