@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 
 import torch
@@ -49,22 +48,24 @@ def check(name, got, truth, k):
         raise SystemExit(f"{name}: max error {err:.3g} against the float64 truth (tolerance {10 * tol:.3g})")
 
 
-def time_rounds(fns: dict, rounds: int, target_s: float = 2e-3) -> dict:
-    reps = {}
-    for name, f in fns.items():
-        f()
-        t0 = time.perf_counter()
-        f()
-        reps[name] = max(1, int(target_s / max(time.perf_counter() - t0, 1e-7)))
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, f in fns.items():
-            n = reps[name]
-            t0 = time.perf_counter()
+def time_medians(fns: dict, rounds: int) -> dict:
+    """Median seconds per call of each function: fastmlp bench's interleaved rounds (chunks sized for
+    about 2 ms of the first function, the variants' order rotating every round, no GC)."""
+    from fastmlp.bench.timing import calibrate, interleave, summarize
+
+    def sampler(f):
+        def run(n):
+            times = []
             for _ in range(n):
+                t0 = time.perf_counter()
                 f()
-            samples[name].append((time.perf_counter() - t0) / n)
-    return {name: statistics.median(v) for name, v in samples.items()}
+                times.append(time.perf_counter() - t0)
+            return times
+        return run
+
+    samplers = {name: sampler(f) for name, f in fns.items()}
+    n = calibrate(next(iter(samplers.values())), 2e-3)
+    return {name: summarize(r)["median_s"] for name, r in interleave(samplers, n, rounds).items()}
 
 
 def main(argv=None) -> None:
@@ -90,9 +91,9 @@ def main(argv=None) -> None:
     ops = torch.ops.fastmlp
     dnn = onednn_linear()
     info = fastmlp.backend_info()
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
-    isas = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    from fastmlp.bench.machine import cpu_flags, cpu_model
+
+    cpu, isas = cpu_model(), cpu_flags()
     print(f"CPU: {cpu} ({' '.join(isas)}), {torch.get_num_threads()} threads; torch {torch.__version__}; "
           f"fastmlp ISA {info['cpu_isa']}; oneDNN column: {'yes' if dnn else 'absent'}")
     print("GFLOP/s (medians of interleaved rounds); ratio = fastmlp / best vendor\n")
@@ -132,7 +133,7 @@ def main(argv=None) -> None:
             if dnn_fn is not None:
                 check(f"{shape} oneDNN {gemm}", dnn_fn(), truth, depth)
                 fns = dict(fns, onednn=dnn_fn)
-            t = time_rounds(fns, args.rounds)
+            t = time_medians(fns, args.rounds)
             g = {name: flop / s / 1e9 for name, s in t.items()}
             best = max(v for name, v in g.items() if name != "fastmlp")
             dnn_txt = f"{g['onednn']:.0f}" if "onednn" in g else "-"
