@@ -483,12 +483,14 @@ struct GemmImpl {
     t.round = g.round_bf16;
     t.ldm = g.ldm;
     t.ldm_in = g.ldm_in;
-    // A short packed A block (dW at small batch: inner = batch) is kept to 16 KiB, so it stays in
-    // L1 beside the B panel during the column sweep instead of evicting it. Deep blocks keep MC rows
-    // (L2 blocking), or B would be streamed from memory once per few rows.
+    // A packed A block (dz.T in dW) of a short sum (small batch: inner = batch, one K block) is kept
+    // to 16 KiB, so it stays in L1 beside the B panel during the column sweep instead of evicting it.
+    // A longer sum keeps MC rows (L2 blocking): B is streamed once per row block, and x at a large
+    // batch comes from memory (under the 16 KiB cap it was re-read once per ~30 rows of C). Equal
+    // blocks under either bound, not 60 + 60 + 8 rows.
     int64_t mc = MC;
-    if (pack_a_block && kstep <= 128) {  // equal blocks under the cap, not 60 + 60 + 8 rows
-      const int64_t cap = imin(MC, imax(MR, 16384 / (kstep * int64_t(sizeof(T))) / MR * MR));
+    if (pack_a_block) {
+      const int64_t cap = nblocks == 1 ? imin(MC, imax(MR, 16384 / (kstep * int64_t(sizeof(T))) / MR * MR)) : MC;
       const int64_t nb = (r1 - r0 + cap - 1) / cap;
       mc = ((r1 - r0 + nb - 1) / nb + MR - 1) / MR * MR;
     }
