@@ -28,11 +28,17 @@ inline int threads_for(int64_t work, int64_t threshold) {
   return std::max(1, at::get_num_threads());
 }
 
+// From this many rows of C on (a batch of 2048 samples in the forward and dX) a GEMM is split along
+// rows: each thread then streams only its own rows of A, which at that size come from memory, instead
+// of every thread streaming all of them for its share of the columns. Below it the column split wins
+// (each thread packs only its own panels of B). Measured per shape (BENCHMARKS.md, 2026-12-02).
+inline constexpr int64_t kRowSplitRows = 2048;
+
 // Splits C over threads along columns (whole panels, so packed B is never shared and mask bytes
-// never straddle threads) or, when there are too few panels to balance, along rows. A GEMM that
-// applies an optimizer update is split along rows whenever it can be: each thread then owns whole
-// parameter rows, so the parameter and its optimizer state stream through as one contiguous block
-// per thread, which the hardware prefetcher follows.
+// never straddle threads) or, when there are too few panels to balance or C is tall (kRowSplitRows),
+// along rows. A GEMM that applies an optimizer update is split along rows whenever it can be: each
+// thread then owns whole parameter rows, so the parameter and its optimizer state stream through as
+// one contiguous block per thread, which the hardware prefetcher follows.
 template <typename T>
 void run_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
   // A sum of at most 4 terms is one streaming pass over C (outer_block in gemm_impl.h): per element a
@@ -49,7 +55,8 @@ void run_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
   const double col_imb = double(div_up(panels, nt)) * nt / double(panels);
   const double row_imb = double(div_up(row_tiles, nt)) * nt / double(row_tiles);
   const bool updates = g.update.kind != UpdateKind::kNone;
-  const bool by_cols = updates ? row_tiles < nt : panels >= nt && col_imb <= row_imb;
+  const bool by_cols =
+      updates ? row_tiles < nt : g.rows < kRowSplitRows && panels >= nt && col_imb <= row_imb;
   const int64_t parts = by_cols ? std::min(nt, panels) : std::min(nt, row_tiles);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
