@@ -228,10 +228,11 @@ def test_nan_preactivation_gradients_like_torch(where):
 
 @pytest.mark.skipif(fastmlp.backend("cpu") != "compiled", reason="the fallback is PyTorch's GEMM: no such promise")
 @pytest.mark.parametrize("relu", [True, False], ids=["linear_relu", "linear"])
-@pytest.mark.parametrize("rows", [2100, 300, 6])
+@pytest.mark.parametrize("rows", [2100, 300, 6, 3])
 def test_results_do_not_depend_on_thread_count(relu, rows):
     """Every output is summed in one fixed order, whatever the split over threads (2100 rows: tall
-    GEMMs split by rows, runner.h kRowSplitRows; dW a sum of many K blocks)."""
+    GEMMs split by rows, runner.h kRowSplitRows, and dW a sum of many K blocks; 3 rows: dW a sum of
+    3 terms, split by rows too)."""
     torch.manual_seed(3)
     x = torch.randn(rows, 784)
     layer = (fastmlp.FusedLinearReLU if relu else fastmlp.Linear)(784, 256)

@@ -36,9 +36,11 @@ inline constexpr int64_t kRowSplitRows = 2048;
 
 // Splits C over threads along columns (whole panels, so packed B is never shared and mask bytes
 // never straddle threads) or, when there are too few panels to balance or C is tall (kRowSplitRows),
-// along rows. A GEMM that applies an optimizer update is split along rows whenever it can be: each
-// thread then owns whole parameter rows, so the parameter and its optimizer state stream through as
-// one contiguous block per thread, which the hardware prefetcher follows.
+// along rows. A GEMM that applies an optimizer update, or whose sum has at most 4 terms (one streaming
+// pass of stores over C, outer_block in gemm_impl.h), is split along rows whenever it can be: each
+// thread then writes whole rows, one contiguous block per thread, which the hardware follows far
+// better than a strip of every row (and the parameter and its optimizer state stream through the
+// same way).
 template <typename T>
 void run_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
   // A sum of at most 4 terms is one streaming pass over C (outer_block in gemm_impl.h): per element a
@@ -54,9 +56,9 @@ void run_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
   // Imbalance of each split: the busiest thread's share over the mean share.
   const double col_imb = double(div_up(panels, nt)) * nt / double(panels);
   const double row_imb = double(div_up(row_tiles, nt)) * nt / double(row_tiles);
-  const bool updates = g.update.kind != UpdateKind::kNone;
+  const bool whole_rows = g.update.kind != UpdateKind::kNone || g.inner <= 4;
   const bool by_cols =
-      updates ? row_tiles < nt : g.rows < kRowSplitRows && panels >= nt && col_imb <= row_imb;
+      whole_rows ? row_tiles < nt : g.rows < kRowSplitRows && panels >= nt && col_imb <= row_imb;
   const int64_t parts = by_cols ? std::min(nt, panels) : std::min(nt, row_tiles);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
