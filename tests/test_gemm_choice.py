@@ -109,6 +109,28 @@ def test_auto_times_only_from_batch_256_and_2_23_flop(gemm_mode):
     assert all(512 in (c["rows"], c["inner"]) for c in choices)
 
 
+@pytest.mark.parametrize("dtype, kernels", [("float16", "auto"), ("bfloat16", "avx2"), ("bfloat16", "auto")])
+def test_auto_low_precision_gemm_called_again_does_not_deadlock(dtype, kernels):
+    """A float16 GEMM (or bfloat16 without bf16 kernels) runs through the float32 choice: once both
+    were recorded, the next call came back into the chooser while it held its lock, and hung. Run in
+    a child process so that a hang fails this test instead of stopping the suite."""
+    code = (
+        "import torch, fastmlp; fastmlp.set_cpu_isa(%r); fastmlp.set_gemm('auto'); torch.manual_seed(0)\n"
+        "x = torch.randn(300, 784, dtype=torch.%s); w = torch.randn(256, 784, dtype=x.dtype) / 28\n"
+        "for _ in range(3):\n"
+        "    y, mask = torch.ops.fastmlp.linear_relu_fwd(x, w, None)\n"
+        "    torch.ops.fastmlp.linear_relu_bwd(torch.ones_like(y), x, w, mask, [True, True, True])\n"
+        "ref = torch.relu(x.float() @ w.float().t())\n"
+        "assert (y.float() - ref).abs().max() < 0.1 * ref.abs().max(), 'wrong result'\n"
+        "print(len(fastmlp.gemm_choices()), 'choices')\n" % (kernels, dtype))
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, FASTMLP_GEMM="auto"))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{dtype} layer GEMMs in auto mode did not return within 120 s (a deadlock)")
+    assert r.returncode == 0 and "choices" in r.stdout, r.stderr
+
+
 @pytest.mark.parametrize("gemm_mode", ["vendor"], indirect=True)
 def test_whole_step_ops_keep_the_hand_written_gemm(gemm_mode):
     """The step ops' dW GEMM applies the optimizer update: vendor mode must not change a bit of them."""

@@ -13,6 +13,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <tuple>
 
 #include "runner.h"
@@ -128,11 +129,15 @@ void run_chosen(GemmKind kind, const char* dtype, int64_t rows, int64_t cols, in
   // The batch (rows, or inner for dW) by power-of-two bucket, the layer's widths exactly.
   const bool dw = kind == GemmKind::kGradWeight;
   const Key key{int(kind), dtype, log2_floor(dw ? inner : rows), dw ? rows : cols, dw ? cols : inner, threads, isa};
+  // The lock is released before either way runs: a way may itself come back here (a float16 or
+  // bfloat16 GEMM widened to float32 runs the float32 choice), and the mutex is not recursive.
+  std::optional<bool> vendor_known;
   {
     const std::lock_guard<std::mutex> lock(choices_mutex());
     const auto it = choices().find(key);
-    if (it != choices().end()) return it->second.vendor ? theirs() : ours();
+    if (it != choices().end()) vendor_known = it->second.vendor;
   }
+  if (vendor_known.has_value()) return *vendor_known ? theirs() : ours();
   // First time for this shape: both ways, alternating; the first round warms caches and is not counted.
   double t_ours = 1e300, t_theirs = 1e300;
   for (int round = 0; round < 4; ++round) {
