@@ -5,7 +5,7 @@ namespace fastmlp {
 
 namespace {
 
-int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t div_up(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // a >= 0, b >= 1, no overflow
 
 }  // namespace
 
@@ -150,7 +150,7 @@ void check_adam_args(const char* op, const Tensor& x, const Tensor& target, at::
 
 int64_t check_batches(const char* op, const Tensor& x, int64_t batch_size, at::ArrayRef<double> lrs) {
   TORCH_CHECK(batch_size >= 1, op, ": batch_size must be >= 1, got ", batch_size);
-  const int64_t count = (x.size(0) + batch_size - 1) / batch_size;
+  const int64_t count = div_up(x.size(0), batch_size);
   TORCH_CHECK(int64_t(lrs.size()) == count, op, ": lrs must hold one learning rate per step (", count, " batches of ",
               batch_size, " in ", x.size(0), " samples), got ", lrs.size());
   return count;

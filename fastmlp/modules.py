@@ -175,6 +175,7 @@ class FusedMLP(nn.Sequential):
             raise ValueError(
                 f"FusedMLP.train_steps: target must have shape ({x.shape[0]},), got {tuple(target.shape)}")
         count = -(-x.shape[0] // batch_size)
+        batch_size = min(batch_size, max(1, x.shape[0]))  # one batch of every row: the op's int64 holds it
         args = bind(self, optimizer, kind)
         lrs = [args.lr] * count if lrs is None else [float(v) for v in lrs]
         if len(lrs) != count:

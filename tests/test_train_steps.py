@@ -121,6 +121,7 @@ def test_train_steps_rejects_bad_arguments():
     for batch in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="batch_size must be a positive int"):
             model.train_steps(x, y, opt, batch)
+    assert model.train_steps(x, y, opt, 10 ** 30).shape == (1,)  # one batch of all 100 rows
     with pytest.raises(ValueError, match=r"lrs must hold one learning rate per step \(4\), got 3"):
         model.train_steps(x, y, opt, 32, [0.1] * 3)
     with pytest.raises(ValueError, match=r"target must have shape \(100,\)"):
@@ -167,6 +168,12 @@ def test_steps_op_argument_errors():
         op(x, y, 0, *rest, [0.1], 0.9, 0.0)
     with pytest.raises(RuntimeError, match=r"mlp_sgd_steps: lrs must hold one learning rate per step \(3 batches"):
         op(x, y, 8, *rest, [0.1, 0.1], 0.9, 0.0)
+    # A batch larger than x is one batch of all its rows, up to the largest int64 (no overflow).
+    state = [[t.clone() for t in group] for group in rest]
+    huge = op(x, y, 2 ** 63 - 1, *state, [0.1], 0.9, 0.0)
+    whole = op(x, y, x.shape[0], *rest, [0.1], 0.9, 0.0)
+    assert huge.shape == (1,) and torch.equal(huge, whole)
+    assert all(torch.equal(a, b) for group, ref in zip(state, rest) for a, b in zip(group, ref))
     x, y, *rest = _adam_args()
     with pytest.raises(RuntimeError, match=r"mlp_adam_steps: lrs must hold one learning rate per step \(1 batches"):
         torch.ops.fastmlp.mlp_adam_steps(x, y, 64, *rest, [], 0.9, 0.999, 1e-8, 0.0, False)

@@ -13,7 +13,8 @@
 
 namespace fastmlp::cpu {
 
-inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// a >= 0, b >= 1; no a + b - 1, which overflows for a batch size near INT64_MAX.
+inline int64_t div_up(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 // Below this much work a GEMM runs on the calling thread: waking the pool costs more. Work counts
 // flops plus kEpilogueFlops per element of C: with a short sum the tile set-up and epilogue, not the
