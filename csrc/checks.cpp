@@ -98,7 +98,8 @@ void check_step_args(const char* op, const Tensor& x, const Tensor& target, at::
                 "), got ", w.sizes());
     TORCH_CHECK(w.size(0) > 0, op, ": weights[", l, "] must have at least one output feature");
     TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), op, ": weights[", l,
-                "] must match x's dtype and device");
+                "] must match x's dtype and device (", x.scalar_type(), " on ", x.device(), "), got ",
+                w.scalar_type(), " on ", w.device());
     TORCH_CHECK(w.is_contiguous(), op, ": weights[", l, "] must be contiguous (it is updated in place)");
     auto check_like = [&](const Tensor& t, const char* what, at::IntArrayRef shape) {
       TORCH_CHECK(t.sizes() == shape && t.scalar_type() == x.scalar_type() && t.device() == x.device() &&

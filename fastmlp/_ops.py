@@ -21,6 +21,7 @@ import warnings
 
 import torch
 
+from . import _checks
 from . import _reference as ref
 
 SCHEMAS = {
@@ -174,7 +175,7 @@ else:
         CUDA_KERNELS = False
 
 
-# ---- fake (meta) implementations: shapes and dtypes only -------------------------------------
+# ---- fake (meta) implementations: the kernels' argument checks (_checks.py), then shapes --------
 
 
 def _grad_shapes(x, w, needs):
@@ -189,56 +190,68 @@ def _grad_shapes(x, w, needs):
 
 @torch.library.register_fake("fastmlp::linear_relu_fwd")
 def _(x, w, b):
+    _checks.linear_args("fastmlp::linear_relu_fwd", x, w, b)
     m, n = x.shape[0], w.shape[0]
     return x.new_empty((m, n)), x.new_empty((m, (n + 7) // 8), dtype=torch.uint8)
 
 
 @torch.library.register_fake("fastmlp::linear_fwd")
 def _(x, w, b):
+    _checks.linear_args("fastmlp::linear_fwd", x, w, b)
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
 @torch.library.register_fake("fastmlp::linear_relu_bwd")
 def _(gy, x, w, mask, needs):
+    _checks.grad_args("fastmlp::linear_relu_bwd", gy, x, w)
+    _checks.mask("fastmlp::linear_relu_bwd", mask, x, w)
     return _grad_shapes(x, w, needs)
 
 
 @torch.library.register_fake("fastmlp::linear_bwd")
 def _(gy, x, w, needs):
+    _checks.grad_args("fastmlp::linear_bwd", gy, x, w)
     return _grad_shapes(x, w, needs)
 
 
 @torch.library.register_fake("fastmlp::mlp_forward")
 def _(x, weights, biases, relu_last=False):
+    _checks.mlp_forward_args("fastmlp::mlp_forward", x, weights, biases)
     return x.new_empty((*x.shape[:-1], weights[-1].shape[0]))
 
 
 @torch.library.register_fake("fastmlp::mlp_sgd_step")
 def _(x, target, weights, biases, weight_bufs, bias_bufs, lr, momentum, weight_decay, lr_scale=None, bf16=False):
+    op = "fastmlp::mlp_sgd_step"
+    _checks.step_args(op, x, target, weights, biases, weight_bufs, bias_bufs, momentum, lr_scale)
+    _checks.bf16_step(op, x, bf16)
     return x.new_empty(())
 
 
 @torch.library.register_fake("fastmlp::mlp_adam_step")
 def _(x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
       decoupled_weight_decay=False, lr_scale=None, bf16=False):
+    op = "fastmlp::mlp_adam_step"
+    _checks.adam_args(op, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, lr_scale)
+    _checks.bf16_step(op, x, bf16)
     return x.new_empty(())
-
-
-def _steps_fake(x, batch_size, lrs):
-    if batch_size < 1:
-        raise RuntimeError(f"batch_size must be >= 1, got {batch_size}")
-    return x.new_empty((len(lrs),))
 
 
 @torch.library.register_fake("fastmlp::mlp_sgd_steps")
 def _(x, target, batch_size, weights, biases, weight_bufs, bias_bufs, lrs, momentum, weight_decay, bf16=False):
-    return _steps_fake(x, batch_size, lrs)
+    op = "fastmlp::mlp_sgd_steps"
+    _checks.step_args(op, x, target, weights, biases, weight_bufs, bias_bufs, momentum, None)
+    _checks.bf16_step(op, x, bf16)
+    return x.new_empty((_checks.batches(op, x, batch_size, lrs),))
 
 
 @torch.library.register_fake("fastmlp::mlp_adam_steps")
 def _(x, target, batch_size, weights, biases, exp_avgs, exp_avg_sqs, steps, lrs, beta1, beta2, eps, weight_decay,
       decoupled_weight_decay=False, bf16=False):
-    return _steps_fake(x, batch_size, lrs)
+    op = "fastmlp::mlp_adam_steps"
+    _checks.adam_args(op, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, None)
+    _checks.bf16_step(op, x, bf16)
+    return x.new_empty((_checks.batches(op, x, batch_size, lrs),))
 
 
 # ---- autograd ------------------------------------------------------------------------------
