@@ -3,6 +3,7 @@ layer GEMM and writes them to JSON (in a subprocess: the script sets fastmlp's I
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,8 @@ def test_small_run_prints_and_records_every_gemm(tmp_path):
     out = tmp_path / "gemms.json"
     shapes = "7x33x10,1x16x8"
     run = subprocess.run([sys.executable, str(SCRIPT), "--shapes", shapes, "--rounds", "1", "--threads", "1",
-                          "--json", str(out)], capture_output=True, text=True, timeout=300)
+                          "--json", str(out)], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(Path(fastmlp.__file__).parent.parent)))
     assert run.returncode == 0, run.stdout + run.stderr
     for layer in ("7x33->10", "1x16->8"):
         for gemm in ("forward", "dX", "dW"):
