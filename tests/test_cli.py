@@ -265,3 +265,14 @@ def test_out_must_be_a_folder(tmp_path, data_root):
     target.write_text("keep me")
     assert run_cli("train", "--dataset", "mnist", "--root", data_root, "--out", target) == 2
     assert target.read_text() == "keep me"
+
+
+def test_the_command_freezes_its_imports_and_main_argv_does_not():
+    # As the command (argv from sys.argv) the imported objects are frozen out of the garbage
+    # collector; called as a library function, main(argv) leaves the caller's collector alone.
+    code = ("import gc, sys; from fastmlp.cli import main; "
+            "assert main(['--help']) == 0 and gc.get_freeze_count() == 0; "
+            "sys.argv = ['fastmlp', '--help']; main(); print('frozen', gc.get_freeze_count())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.split("frozen")[1]) > 10000
