@@ -177,6 +177,12 @@ TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
   m.impl("linear_fwd", &linear_fwd_autograd);
   m.impl("linear_relu_bwd", &linear_relu_bwd_autograd);
   m.impl("linear_bwd", &linear_bwd_autograd);
+  // The step ops are optimizer steps: their loss is a number to report, not a function to
+  // differentiate, and they update their tensors in place as torch.optim does under no_grad. Falling
+  // through autograd, a call in grad mode returns a loss without a graph (backward says so) instead
+  // of one whose backward only warns that it is not implemented.
+  for (const char* name : {"mlp_sgd_step", "mlp_adam_step", "mlp_sgd_steps", "mlp_adam_steps"})
+    m.impl(name, torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace fastmlp

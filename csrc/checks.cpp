@@ -146,6 +146,9 @@ void check_adam_args(const char* op, const Tensor& x, const Tensor& target, at::
                 op, ": steps[", i, "] must be a one-element float32 or float64 tensor, all on the CPU or all on ",
                 x.device(), " (torch.optim.Adam's state['step']), got ", s.scalar_type(), " of shape ", s.sizes(),
                 " on ", s.device());
+    TORCH_CHECK(!s.is_inference() || c10::InferenceMode::is_enabled(), op, ": steps[", i,
+                "] is an inference tensor (made under torch.inference_mode()): it can only be updated in place "
+                "inside inference mode");
   }
 }
 

@@ -167,6 +167,9 @@ def adam_args(op, x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, beta
                and (s.device.type == "cpu" or s.device == x.device), op,
                f"steps[{i}] must be a one-element float32 or float64 tensor, all on the CPU or all on {x.device} "
                f"(torch.optim.Adam's state['step']), got {_dtype(s)} of shape {_shape(s)} on {s.device}")
+        _check(not s.is_inference() or torch.is_inference_mode_enabled(), op,
+               f"steps[{i}] is an inference tensor (made under torch.inference_mode()): it can only be updated in "
+               f"place inside inference mode")
 
 
 def bf16_step(op, x, bf16):

@@ -98,6 +98,14 @@ def _register_reference(key: str, define: bool) -> None:
     _LIBS.append(lib)
 
 
+def _register_step_fallthrough() -> None:
+    """The step ops fall through autograd (csrc/autograd.cpp): optimizer steps, no graph."""
+    lib = torch.library.Library("fastmlp", "IMPL")
+    for name in ("mlp_sgd_step", "mlp_adam_step", "mlp_sgd_steps", "mlp_adam_steps"):
+        lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    _LIBS.append(lib)
+
+
 def _autocast_cast(value, device_type, dtype):
     if isinstance(value, torch.Tensor):
         eligible = value.is_floating_point() and value.dtype != torch.float64 and value.device.type == device_type
@@ -137,6 +145,7 @@ if _C is None:
             stacklevel=2,
         )
     _register_reference("CompositeExplicitAutograd", define=True)
+    _register_step_fallthrough()
     _register_autocast()
     CUDA_KERNELS = False
 else:

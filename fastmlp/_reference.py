@@ -146,6 +146,10 @@ def mlp_adam_step(x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, lr, 
     """Forward, mean cross-entropy, backward and torch.optim.Adam's (or AdamW's) update, all in place."""
     lr = _check_step("mlp_adam_step", x, target, weights, lr, lr_scale)
     _check_bf16("mlp_adam_step", x, bf16)
+    for i, step in enumerate(steps):  # as csrc/checks.cpp: before any parameter changes
+        if step.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(f"fastmlp::mlp_adam_step: steps[{i}] is an inference tensor (made under "
+                               f"torch.inference_mode()): it can only be updated in place inside inference mode")
     with torch.no_grad():
         loss, gws, gbs = _loss_and_grads(x, target, weights, biases, bf16)
         for param, grad, m, v, step in zip(list(weights) + list(biases), gws + gbs, exp_avgs, exp_avg_sqs, steps):

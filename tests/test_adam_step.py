@@ -1,5 +1,7 @@
 """FusedMLP.adam_step (the mlp_adam_step op) against the ordinary autograd + torch.optim.Adam/AdamW step."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -190,6 +192,56 @@ def test_adam_step_argument_errors():
     with pytest.raises(RuntimeError, match="lr_scale must be a one-element"):
         call(lr_scale=torch.ones(2))
     assert all(float(s) == 0 for s in steps)
+
+
+def _copy(args):
+    return tuple([t.clone() for t in a] if isinstance(a, list) else a.clone() for a in args)
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["mlp_adam_step", "mlp_adam_steps"])
+def test_adam_step_counts_that_cannot_be_written_fail_before_any_update(many):
+    x, y, ws, bs, m, v, steps = _op_args()
+    before = _copy((ws, bs, m, v))
+
+    def call(counts):
+        if many:
+            return torch.ops.fastmlp.mlp_adam_steps(x, y, 5, ws, bs, m, v, counts, [1e-3], 0.9, 0.999, 1e-8, 0.0)
+        return torch.ops.fastmlp.mlp_adam_step(x, y, ws, bs, m, v, counts, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+
+    with torch.inference_mode():
+        frozen = [torch.zeros(()) for _ in steps]
+    with pytest.raises(RuntimeError, match=r"steps\[0\] is an inference tensor"):
+        call(frozen)
+    assert all(torch.equal(a, b) for group, ref in zip((ws, bs, m, v), before) for a, b in zip(group, ref))
+    # A count that requires grad is written as the parameters are (an optimizer step, no graph).
+    counts = [s.clone().requires_grad_() for s in steps]
+    call(counts)
+    assert [float(c.detach()) for c in counts] == [1.0] * 4
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_step_ops_in_grad_mode_are_optimizer_steps(kind):
+    """Parameters that require grad, grad mode on: the op updates them as under no_grad, and its loss
+    has no graph (no 'autograd kernel was not registered' warning; backward says there is nothing)."""
+
+    def call(requires_grad):
+        x, y, ws, bs, m, v, steps = _op_args()  # the same values every time
+        params = [p.requires_grad_(requires_grad) for p in ws + bs]
+        if kind == "sgd":
+            loss = torch.ops.fastmlp.mlp_sgd_step(x, y, ws, bs, m[:2], m[2:], 0.1, 0.9, 0.0)
+        else:
+            loss = torch.ops.fastmlp.mlp_adam_step(x, y, ws, bs, m, v, steps, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+        return loss, [p.detach() for p in params]
+
+    with torch.no_grad():
+        expected, expected_params = call(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, params = call(True)
+    assert not loss.requires_grad and loss.grad_fn is None and torch.equal(loss, expected)
+    assert all(torch.equal(a, b) for a, b in zip(params, expected_params))
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -335,6 +335,14 @@ std::vector<double> adam_counts(at::TensorList steps) {
   return t;
 }
 
+// The counts after `taken` more steps, written as an optimizer step writes them: without autograd
+// (a step count that requires grad is no error, as for the parameters); inference tensors were
+// refused by check_adam_args before any update.
+void write_counts(at::TensorList steps, const std::vector<double>& t, double taken) {
+  const at::NoGradGuard no_grad;
+  for (size_t i = 0; i < steps.size(); ++i) steps[i].fill_(t[i] + taken);
+}
+
 // The losses as a tensor of x's dtype, one per step.
 Tensor loss_tensor(const std::vector<double>& losses, const Tensor& x) {
   return at::tensor(losses, x.options().dtype(at::kDouble)).to(x.scalar_type());
@@ -366,7 +374,7 @@ Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weigh
                                   fill_adam(u, i, exp_avgs, exp_avg_sqs, t[i] + 1, lr, beta1, beta2, eps,
                                             weight_decay, decoupled_weight_decay);
                                 });
-  for (size_t i = 0; i < steps.size(); ++i) steps[i].fill_(t[i] + 1);
+  write_counts(steps, t, 1);
   return at::scalar_tensor(losses[0], x.options());
 }
 
@@ -399,7 +407,7 @@ Tensor mlp_adam_steps(const Tensor& x, const Tensor& target, int64_t batch_size,
                                                     beta1, beta2, eps, weight_decay, decoupled_weight_decay);
                                         }),
                               x);
-  for (size_t i = 0; i < steps.size(); ++i) steps[i].fill_(t[i] + double(lrs.size()));
+  write_counts(steps, t, double(lrs.size()));
   return losses;
 }
 

@@ -123,6 +123,7 @@ Tensor mlp_adam_step(const Tensor& x, const Tensor& target, at::TensorList weigh
   Tensor loss = mlp_adam_step_impl(x, target, weights, biases, exp_avgs, exp_avg_sqs, steps, host_counts, lr, beta1,
                                    beta2, eps, weight_decay, decoupled_weight_decay,
                                    lr_scale.has_value() ? lr_scale->contiguous() : Tensor());
+  const at::NoGradGuard no_grad;  // as csrc/cpu/mlp_step.cpp writes the counts
   for (size_t i = 0; i < host_counts.size(); ++i) steps[i].fill_(host_counts[i]);
   return loss;
 }
