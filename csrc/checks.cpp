@@ -1,11 +1,56 @@
 // The argument checks of csrc/checks.h.
 #include "checks.h"
 
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <utility>
+#include <vector>
+
 namespace fastmlp {
 
 namespace {
 
 int64_t div_up(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // a >= 0, b >= 1, no overflow
+
+// The step ops write every parameter and state tensor in place while they read x and the others:
+// no two may share memory (a momentum buffer that is its weight gave silently wrong updates). Each
+// tensor's extent in memory, sorted by start, each compared with the next: a few hundred ns for a
+// three-layer network's 13 tensors (pairwise at::get_overlap_status took ~0.8 us per step).
+void check_no_shared_memory(const char* op, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+  struct Extent {
+    uintptr_t begin, end;
+    size_t index;
+  };
+  std::vector<Extent> extents;
+  extents.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i].second;
+    if (t.numel() == 0) continue;
+    int64_t last = 0;  // offset of the last element (strides are >= 0 for these tensors)
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * std::abs(t.stride(d));
+    const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    extents.push_back({begin, begin + uintptr_t(last + 1) * t.element_size(), i});
+  }
+  std::vector<Extent> by_start = extents;
+  std::sort(by_start.begin(), by_start.end(), [](const Extent& a, const Extent& b) { return a.begin < b.begin; });
+  bool overlap = false;
+  for (size_t k = 1; k < by_start.size(); ++k) overlap = overlap || by_start[k].begin < by_start[k - 1].end;
+  if (!overlap) return;
+  // Named by the first pair in argument order, whatever the addresses.
+  for (size_t i = 0; i < extents.size(); ++i)
+    for (size_t j = i + 1; j < extents.size(); ++j)
+      TORCH_CHECK(extents[j].begin >= extents[i].end || extents[i].begin >= extents[j].end, op, ": ",
+                  tensors[extents[j].index].first, " shares memory with ", tensors[extents[i].index].first,
+                  "; the step updates its tensors in place, so each parameter and optimizer state must be a "
+                  "tensor of its own");
+}
+
+// (name[i], tensor) for every tensor of a list.
+void add_named(std::vector<std::pair<std::string, at::Tensor>>& out, const char* name, at::TensorList list) {
+  for (size_t i = 0; i < list.size(); ++i) out.emplace_back(std::string(name) + "[" + std::to_string(i) + "]", list[i]);
+}
 
 }  // namespace
 
@@ -117,6 +162,11 @@ void check_step_args(const char* op, const Tensor& x, const Tensor& target, at::
                     lr_scale->device() == x.device(),
                 op, ": lr_scale must be a one-element ", x.scalar_type(), " tensor on ", x.device(), ", got ",
                 lr_scale->scalar_type(), " of shape ", lr_scale->sizes(), " on ", lr_scale->device());
+  std::vector<std::pair<std::string, Tensor>> written{{"x", x}};
+  add_named(written, "weights", weights);
+  add_named(written, "biases", biases);
+  if (with_momentum) add_named(written, "weight_bufs", wbufs), add_named(written, "bias_bufs", bbufs);
+  check_no_shared_memory(op, written);
 }
 
 void check_adam_args(const char* op, const Tensor& x, const Tensor& target, at::TensorList weights,
@@ -150,6 +200,12 @@ void check_adam_args(const char* op, const Tensor& x, const Tensor& target, at::
                 "] is an inference tensor (made under torch.inference_mode()): it can only be updated in place "
                 "inside inference mode");
   }
+  std::vector<std::pair<std::string, Tensor>> written{{"x", x}};
+  add_named(written, "weights", weights);
+  add_named(written, "biases", biases);
+  add_named(written, "exp_avgs", exp_avgs);
+  add_named(written, "exp_avg_sqs", exp_avg_sqs);
+  check_no_shared_memory(op, written);
 }
 
 int64_t check_batches(const char* op, const Tensor& x, int64_t batch_size, at::ArrayRef<double> lrs) {

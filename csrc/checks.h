@@ -24,12 +24,13 @@ void check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& w,
 void check_grad_args(const char* op, const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w, DtypeRule rule);
 // A packed ReLU mask for the output of x @ w.T: uint8 (M, ceil(N / 8)) on x's device.
 void check_mask(const char* op, const at::Tensor& mask, const at::Tensor& x, const at::Tensor& w);
-// Every argument of mlp_sgd_step (float32 or float64 on either backend).
+// Every argument of mlp_sgd_step (float32 or float64 on either backend); x, the parameters and their
+// buffers must not share memory (fake tensors have none to compare: fastmlp/_checks.py skips this).
 void check_step_args(const char* op, const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
                      at::TensorList biases, at::TensorList wbufs, at::TensorList bbufs, double momentum,
                      const std::optional<at::Tensor>& lr_scale);
 // Every argument of mlp_adam_step: the above without momentum buffers, plus one exp_avg, exp_avg_sq
-// and step per parameter (weights, then biases).
+// and step per parameter (weights, then biases), none sharing memory with another or with x.
 void check_adam_args(const char* op, const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
                      at::TensorList biases, at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
                      double beta1, double beta2, double eps, const std::optional<at::Tensor>& lr_scale);

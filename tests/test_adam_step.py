@@ -219,6 +219,26 @@ def test_adam_step_counts_that_cannot_be_written_fail_before_any_update(many):
     assert [float(c.detach()) for c in counts] == [1.0] * 4
 
 
+@pytest.mark.skipif(fastmlp.backend("cpu") != "compiled", reason="the argument checks are the compiled op's")
+def test_step_ops_refuse_tensors_that_share_memory():
+    """Every parameter and state tensor is written in place: aliases gave silently wrong updates."""
+    x, y, ws, bs, m, v, steps = _op_args()
+    before = [t.clone() for t in ws + bs + m + v]
+    sgd, adam = torch.ops.fastmlp.mlp_sgd_step, torch.ops.fastmlp.mlp_adam_step
+    with pytest.raises(RuntimeError, match=r"mlp_sgd_step: weight_bufs\[0\] shares memory with weights\[0\]"):
+        sgd(x, y, ws, bs, list(ws), m[2:], 0.1, 0.9, 0.0)
+    with pytest.raises(RuntimeError, match=r"mlp_sgd_step: weights\[0\] shares memory with x"):
+        sgd(ws[0][:5], y, ws, bs, m[:2], m[2:], 0.1, 0.9, 0.0)
+    with pytest.raises(RuntimeError, match=r"mlp_sgd_steps: bias_bufs\[1\] shares memory with bias_bufs\[0\]"):
+        torch.ops.fastmlp.mlp_sgd_steps(x, y, 5, ws, bs, m[:2], [m[2], m[2][:3]], [0.1], 0.9, 0.0)
+    with pytest.raises(RuntimeError, match=r"mlp_adam_step: exp_avg_sqs\[0\] shares memory with exp_avgs\[0\]"):
+        adam(x, y, ws, bs, m, m, steps, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    with pytest.raises(RuntimeError, match=r"mlp_adam_steps: exp_avgs\[3\] shares memory with biases\[1\]"):
+        torch.ops.fastmlp.mlp_adam_steps(x, y, 5, ws, bs, m[:3] + [bs[1]], v, steps, [1e-3], 0.9, 0.999, 1e-8, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(ws + bs + m + v, before))
+    assert all(float(s) == 0 for s in steps)
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_step_ops_in_grad_mode_are_optimizer_steps(kind):
     """Parameters that require grad, grad mode on: the op updates them as under no_grad, and its loss
