@@ -49,7 +49,8 @@ def _needs_grad(x, weight, bias) -> bool:
 
 def _as_2d(name, x, weight, bias):
     """(x as (M, in_features), whether x was that already)."""
-    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() == 2:
+    if (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() == 2
+            and (bias is None or isinstance(bias, torch.Tensor))):
         return x, True
     return _flatten(name, x, weight, bias), False
 

@@ -4,6 +4,7 @@ Linear -> ReLU pairs."""
 
 import copy
 import functools
+import operator
 from collections import OrderedDict
 from typing import Sequence
 
@@ -58,7 +59,10 @@ class FusedMLP(nn.Sequential):
     """
 
     def __init__(self, sizes: Sequence[int], bias: bool = True, device=None, dtype=None):
-        sizes = [int(s) for s in sizes]
+        sizes = list(sizes)
+        if any(isinstance(s, bool) or not hasattr(s, "__index__") for s in sizes):  # no 2.5 -> 2, True -> 1
+            raise TypeError(f"FusedMLP: sizes must be integers, got {sizes}")
+        sizes = [operator.index(s) for s in sizes]
         if len(sizes) < 2 or any(s <= 0 for s in sizes):
             raise ValueError(f"FusedMLP: sizes must list at least two positive widths, got {list(sizes)}")
         layers = OrderedDict()

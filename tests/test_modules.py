@@ -1,5 +1,6 @@
 """Drop-in behaviour of the modules: initialisation, state_dict both ways, FusedMLP, convert()."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -51,6 +52,20 @@ def test_fused_mlp_structure_and_plain_twin():
 def test_fused_mlp_rejects_bad_sizes(sizes):
     with pytest.raises(ValueError, match="sizes"):
         fastmlp.FusedMLP(sizes)
+
+
+@pytest.mark.parametrize("sizes", [[7, 2.5, 4], [7, True, 4], [7, "3", 4]])
+def test_fused_mlp_takes_integer_sizes_only(sizes):
+    with pytest.raises(TypeError, match="sizes must be integers"):
+        fastmlp.FusedMLP(sizes)
+    assert fastmlp.FusedMLP([7, torch.tensor(3), np.int64(4)]).sizes == (7, 3, 4)
+
+
+@pytest.mark.parametrize("fn", [fastmlp.linear_relu, fastmlp.linear])
+def test_functional_bias_must_be_a_tensor(fn):
+    for x in (torch.randn(2, 3), torch.randn(2, 2, 3)):
+        with pytest.raises(TypeError, match="bias must be a tensor or None"):
+            fn(x, torch.randn(4, 3), [1.0, 2.0, 3.0, 4.0])
 
 
 def test_convert_replaces_linear_relu_pairs_at_any_depth():
