@@ -6,8 +6,9 @@ A meta tensor among CPU or CUDA tensors sends the call here too (the Meta key wi
 device checks then turn it into an error rather than uninitialised output on x's device.
 
 Only what the kernels check before reading any data lives here; the value checks (every target a
-class index) need the data and stay in the kernels. Sizes may be symbolic (torch.SymInt): every test
-goes through torch._check, which records it for the traced graph where it cannot decide it now.
+class index) need the data and stay in the kernels, as does the step ops' test that no two tensors
+share memory (fake tensors have none). Sizes may be symbolic (torch.SymInt): every test goes through
+torch._check, which guards on it or, where it cannot decide it yet, asserts it in the traced graph.
 """
 
 import torch
