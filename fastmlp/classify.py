@@ -52,9 +52,14 @@ def _read_pillow(path: Path) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I;16"):  # 16-bit grey: convert("L") would clip at 255, not scale
+                wide = np.asarray(image, dtype=np.float64)
+                return torch.from_numpy(np.rint(wide / 257).astype(np.uint8))
             gray = image.convert("L")
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file Pillow can read") from None
+    except Image.DecompressionBombError as e:  # more pixels than Pillow agrees to decode
+        raise ImageError(f"{path}: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt image data
         raise ImageError(f"{path}: unreadable image ({e})") from e
     return torch.from_numpy(np.asarray(gray, dtype=np.uint8).copy())

@@ -27,6 +27,8 @@ from .training import (CHECKPOINT_NAME, OPTIMIZERS, PRECISIONS, RECIPES, SCHEDUL
                     resume_conflicts, save_figure, train)
 
 PROG = "fastmlp"
+# What a run writes into --out besides the checkpoint.
+RUN_FILES = ("metrics.json", "curves.png", "confusion.png")
 
 
 def _positive_int(text):
@@ -47,6 +49,26 @@ def _non_negative_int(text):
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
+
+
+def _int_below(limit):
+    """An argparse type: a non-negative int below `limit` (torch takes seeds below 2^63 here, thread counts
+    below 2^31), so a huge value is a usage error rather than an overflow deep inside."""
+    def parse(text):
+        value = _non_negative_int(text)
+        if value >= limit:
+            raise argparse.ArgumentTypeError(f"must be below {limit}, got {value}")
+        return value
+    return parse
+
+
+def _positive_int_below(limit):
+    def parse(text):
+        value = _int_below(limit)(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        return value
+    return parse
 
 
 def _positive_float(text):
@@ -87,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--dropout", type=float, help="dropout after each hidden ReLU (default 0)")
     t.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (cosine: per step, to 0)")
-    t.add_argument("--seed", type=_non_negative_int)
+    t.add_argument("--seed", type=_int_below(2 ** 63))
     t.add_argument("--backend", choices=BACKENDS, help="fused: fastmlp kernels (default); torch: nn.Linear+nn.ReLU")
     t.add_argument("--precision", choices=PRECISIONS,
                    help="fp32 (default), or bf16: torch.autocast(bfloat16)'s arithmetic (bfloat16 GEMM operands and "
@@ -105,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-size", type=_non_negative_int, help="validation images held out of the 60000 (default 5000)")
     t.add_argument("--train-limit", type=_positive_int, metavar="N",
                    help="train on the first N training images only (quick runs)")
-    t.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=_positive_int_below(2 ** 31), help="torch CPU threads (default: torch's choice)")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar per epoch (default: when stderr is a terminal)")
 
@@ -117,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=BACKENDS, default="fused")
     e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     e.add_argument("--root", type=Path)
-    e.add_argument("--threads", type=_positive_int)
+    e.add_argument("--threads", type=_positive_int_below(2 ** 31))
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--plot", type=Path, metavar="PNG", help="draw the confusion matrix into this PNG file")
 
@@ -161,6 +183,8 @@ def _train_config(args, error):
             config = TrainConfig(**{**saved, **explicit}).validate()
         except (TypeError, ValueError) as exc:
             error(f"--resume: {exc}")
+        if config.epochs < ckpt["epoch"]:
+            error(f"--epochs {config.epochs}: the checkpoint's run has already trained {ckpt['epoch']} epochs")
         conflicts = resume_conflicts(config, saved)
         if conflicts:
             error("--resume continues the checkpoint's run; these options differ from it: " + ", ".join(
@@ -172,6 +196,29 @@ def _train_config(args, error):
         return default_config(**explicit), None
     except ValueError as exc:
         error(str(exc).replace("_", "-"))
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_plot(plot, inputs, error):
+    """--plot PNG, before any work: its folder must exist, and a file already there is replaced only if
+    it is a PNG and none of the command's inputs (the checkpoint, the images)."""
+    if plot is None:
+        return
+    try:
+        if not plot.parent.is_dir():
+            error(f"--plot {plot}: no folder {plot.parent}")
+        if plot.is_dir():
+            error(f"--plot {plot}: is a folder")
+        if plot.exists():
+            if any(plot.resolve() == Path(p).resolve() for p in inputs):
+                error(f"--plot {plot}: is one of this command's inputs")
+            with open(plot, "rb") as f:
+                if f.read(len(_PNG_SIGNATURE)) != _PNG_SIGNATURE:
+                    error(f"--plot {plot}: exists and is not a PNG image; not replaced")
+    except OSError as exc:
+        error(f"--plot {plot}: {exc.strerror or exc}")
 
 
 def _check_device(device, error):
@@ -186,19 +233,31 @@ def cmd_train(args, error) -> int:
     if out is None:
         out = args.resume.parent if args.resume is not None else Path("runs") / (
             f"{config.dataset}-{config.backend}-seed{config.seed}")
-    if out.exists() and not out.is_dir():
-        error(f"--out {out}: exists and is not a folder")
+    try:
+        if out.exists() and not out.is_dir():
+            error(f"--out {out}: exists and is not a folder")
+        ancestor = out
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+    except OSError as exc:  # e.g. a name longer than the file system takes
+        error(f"--out {out}: {exc.strerror or exc}")
+    if not ancestor.is_dir():
+        error(f"--out {out}: {ancestor} is not a folder")
     existing = out / CHECKPOINT_NAME
     resuming_here = args.resume is not None and existing.exists() and existing.resolve() == args.resume.resolve()
     if existing.exists() and not resuming_here and not args.overwrite:
         error(f"--out {out} already holds a run ({existing}); continue it with --resume {existing}, "
               f"choose another --out, or pass --overwrite")
+    taken = [name for name in RUN_FILES if (out / name).exists()]
+    if taken and not resuming_here and not args.overwrite:
+        error(f"--out {out} already holds {', '.join(taken)}, which a run would replace; choose another --out, "
+              f"or pass --overwrite")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         result = train(config, device=args.device, root=args.root, out=out, resume=ckpt,
                        progress=args.progress, download=args.download)
-    except DataError as exc:
+    except (DataError, OSError) as exc:  # OSError: --out cannot be made or written
         print(f"{PROG} train: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -206,7 +265,7 @@ def cmd_train(args, error) -> int:
               file=sys.stderr)
         return 130
     if result.checkpoint_path is not None:  # rank 0 only
-        print(f"wrote {out}/: {CHECKPOINT_NAME}, metrics.json, curves.png, confusion.png", flush=True)
+        print(f"wrote {out}/: {CHECKPOINT_NAME}, {', '.join(RUN_FILES)}", flush=True)
     return 0
 
 
@@ -216,6 +275,9 @@ def cmd_evaluate(args, error) -> int:
     except CheckpointError as exc:
         error(f"--checkpoint: {exc}")
     _check_device(args.device, error)
+    if args.split == "val" and ckpt["config"].get("val_size", 5000) == 0:
+        error("--split val: the checkpoint's run held out no validation images (val_size 0)")
+    _check_plot(args.plot, [args.checkpoint], error)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -298,6 +360,7 @@ def cmd_predict(args, error) -> int:
     if args.top_k > NUM_CLASSES:
         error(f"--top-k {args.top_k}: there are {NUM_CLASSES} classes")
     _check_device(args.device, error)
+    _check_plot(args.plot, [args.checkpoint, *args.images], error)
     try:
         model, dataset = resolve_model(args.checkpoint)
         images, sources = load_images(args.images, FIT[dataset]) if args.images else (None, [])

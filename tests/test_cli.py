@@ -276,3 +276,76 @@ def test_the_command_freezes_its_imports_and_main_argv_does_not():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.split("frozen")[1]) > 10000
+
+
+# ---- what the command refuses, so that nothing the user saved is lost (found by fuzzing) ------------
+
+
+def test_plot_never_replaces_an_input_or_a_file_that_is_not_a_png(trained, data_root, tmp_path, capsys):
+    ckpt = trained / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for plot, why in [(ckpt, "is one of this command's inputs"), (notes, "exists and is not a PNG image"),
+                      (tmp_path / "no" / "c.png", "no folder"), (tmp_path, "is a folder")]:
+        assert run_cli("evaluate", "--checkpoint", ckpt, "--root", data_root, "--plot", plot) == 2
+        assert why in capsys.readouterr().err
+    assert ckpt.read_bytes() == before and notes.read_text() == "mine"
+    png = tmp_path / "c.png"
+    for _ in range(2):  # a PNG, its own earlier output, is replaced
+        assert run_cli("evaluate", "--checkpoint", ckpt, "--root", data_root, "--plot", png) == 0
+
+
+def test_train_does_not_replace_files_of_a_run_without_checkpoint(data_root, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.json").write_text("my notes")
+    assert run_cli("train", "--dataset", "mnist", *QUICK, "--root", data_root, "--out", out) == 2
+    assert "already holds metrics.json" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == "my notes" and not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("case", ["file", "long"])
+def test_an_out_that_cannot_be_made_is_a_usage_error(case, data_root, tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    out = tmp_path / "f" / "run" if case == "file" else tmp_path / ("a" * 300)
+    assert run_cli("train", "--dataset", "mnist", *QUICK, "--root", data_root, "--out", out) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--threads", "99999999999"], ["--seed", str(10 ** 23)]])
+def test_huge_numbers_are_usage_errors(args, capsys):
+    assert run_cli("train", "--dataset", "mnist", *args) == 2
+    assert "must be below" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda c: c.pop("epoch"), "no 'epoch' entry"),
+    (lambda c: c["config"].pop("dataset"), "config dataset None"),
+    (lambda c: c["state_dict"].__setitem__("0.weight", torch.zeros(128, 700)), "the mnist model needs"),
+    (lambda c: c["state_dict"]["2.bias"].fill_(float("nan")), "2.bias holds NaN"),
+    (lambda c: c["optimizer"]["state"][0].__setitem__("momentum_buffer", torch.zeros(5)), "momentum_buffer"),
+])
+def test_a_checkpoint_with_bad_contents_is_refused_by_every_command(edit, why, trained, data_root, tmp_path, capsys):
+    ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
+    edit(ckpt)
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt, bad)
+    assert run_cli("evaluate", "--checkpoint", bad, "--root", data_root) == 2
+    assert run_cli("predict", "--checkpoint", bad, "--index", "0", "--root", data_root) == 1
+    assert run_cli("train", "--resume", bad, "--out", tmp_path / "again") == 2
+    err = capsys.readouterr().err
+    assert err.count(why) == 3 and "Traceback" not in err, err
+
+
+def test_resume_with_fewer_epochs_than_done_is_a_usage_error(trained, capsys):
+    assert run_cli("train", "--resume", trained / "checkpoint.pt", "--epochs", "1") == 2
+    assert "has already trained 2 epochs" in capsys.readouterr().err
+
+
+def test_evaluate_val_of_a_run_without_validation(data_root, tmp_path, capsys):
+    out = tmp_path / "noval"
+    assert run_cli("train", "--dataset", "mnist", "--epochs", "1", "--train-limit", "300", "--val-size", "0",
+                   "--no-progress", "--root", data_root, "--out", out) == 0
+    assert run_cli("evaluate", "--checkpoint", out / "checkpoint.pt", "--root", data_root, "--split", "val") == 2
+    assert "held out no validation images" in capsys.readouterr().err

@@ -193,6 +193,25 @@ def test_bad_image_exits_1_naming_it(kind, ckpt, pngs, tmp_path, capsys):
         predict(ckpt, [path])
 
 
+def test_an_image_too_large_to_decode_exits_1(ckpt, pngs, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.fromarray(np.zeros((60, 60), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 3600 pixels: more than twice the limit
+    assert run_cli("predict", "--checkpoint", ckpt, pngs[0], path) == 1
+    assert f"fastmlp predict: error: {path}: " in capsys.readouterr().err
+
+
+def test_a_16_bit_png_is_scaled_not_clipped(tmp_path, test_items):
+    image = test_items[0][0]  # uint8 (28, 28)
+    path = tmp_path / "wide.png"
+    Image.fromarray(image.numpy().astype(np.uint16) * 257).save(path)  # the same picture, 16-bit
+    assert Image.open(path).mode.startswith("I;16")
+    eight = tmp_path / "eight.png"
+    Image.fromarray(image.numpy()).save(eight)
+    from fastmlp.classify import read_file
+    assert torch.equal(read_file(path), read_file(eight))
+
+
 def test_not_a_checkpoint_exits_1(run, pngs, capsys):
     for path in (run / "metrics.json", run / "missing.pt"):
         assert run_cli("predict", "--checkpoint", path, pngs[0]) == 1

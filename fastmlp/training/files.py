@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import model_for
+from ..models import SIZES, model_for
 
 CHECKPOINT_FORMAT = "fastmlp.train.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -64,7 +64,52 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')}, this fastmlp reads "
                               f"version {CHECKPOINT_VERSION}")
+    problem = _contents_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{path}: not a usable fastmlp training checkpoint: {problem}")
     return ckpt
+
+
+def _contents_problem(ckpt: dict) -> str | None:
+    """What makes a checkpoint of the right format unusable (evaluate, predict and --resume read all
+    of this), or None: missing or mistyped entries, weights that do not fit the dataset's model or are
+    not finite, optimizer state that does not fit the weights."""
+    kinds = {"config": dict, "state_dict": dict, "optimizer": dict, "epoch": int, "step": int,
+             "rng_state": torch.Tensor, "history": list, "train_seconds": (int, float)}
+    for key, kind in kinds.items():
+        if key not in ckpt:
+            return f"no {key!r} entry"
+        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            return f"{key!r} is a {type(ckpt[key]).__name__}"
+    if ckpt["epoch"] < 0 or ckpt["step"] < 0:
+        return f"epoch {ckpt['epoch']}, step {ckpt['step']}"
+    dataset = ckpt["config"].get("dataset")
+    if dataset not in SIZES:
+        return f"config dataset {dataset!r} (known: {', '.join(SIZES)})"
+    expected = model_for(dataset, "torch").state_dict()
+    got = ckpt["state_dict"]
+    if set(got) != set(expected):
+        return f"state_dict holds {sorted(got)}, the {dataset} model has {sorted(expected)}"
+    for name, want in expected.items():
+        t = got[name]
+        if not isinstance(t, torch.Tensor) or t.shape != want.shape or not t.is_floating_point():
+            what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"state_dict {name} is {what}, the {dataset} model needs floating {tuple(want.shape)}"
+        if not bool(torch.isfinite(t).all()):
+            return f"state_dict {name} holds NaN or infinite values"
+    shapes = [want.shape for want in expected.values()]  # the optimizer's parameter order
+    opt = ckpt["optimizer"]
+    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        return "optimizer state has no 'state' / 'param_groups'"
+    for pid, state in opt["state"].items():
+        if not isinstance(pid, int) or not 0 <= pid < len(shapes) or not isinstance(state, dict):
+            return f"optimizer state for parameter {pid!r}"
+        for key, t in state.items():
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != shapes[pid]:
+                return f"optimizer {key} of parameter {pid} is {tuple(t.shape)}, the parameter {tuple(shapes[pid])}"
+    if ckpt["rng_state"].dtype != torch.uint8 or ckpt["rng_state"].shape != torch.get_rng_state().shape:
+        return f"rng_state is {ckpt['rng_state'].dtype} {tuple(ckpt['rng_state'].shape)}"
+    return None
 
 
 def model_from_checkpoint(checkpoint: dict, backend: str = "fused") -> nn.Sequential:
