@@ -302,6 +302,27 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
 
 
+def test_ctrl_c_inside_a_checkpoint_write_is_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C inside torch.save surfaced as the zip writer's RuntimeError while unwinding (a traceback
+    and exit 1 from fastmlp train instead of its exit 130)."""
+    path = tmp_path / "checkpoint.pt"
+    T.save_checkpoint({"x": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def interrupted_save(obj, f):
+        try:
+            f.write(b"partial data")
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_checkpoint({"x": torch.zeros(3)}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
 def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         T.load_checkpoint(tmp_path / "missing.pt")

@@ -27,11 +27,15 @@ def atomic_write(path, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        # Ctrl-C inside torch.save surfaces as the zip writer's RuntimeError while it unwinds: still
+        # an interrupt for the caller (fastmlp train's exit 130), not an error.
+        if not isinstance(exc, KeyboardInterrupt) and isinstance(exc.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
         raise
     return path
 
