@@ -24,7 +24,7 @@ from .models import BACKENDS
 from .classify import FIT, ImageError, load_images, probabilities, resolve_model
 from .training import (CHECKPOINT_NAME, OPTIMIZERS, PRECISIONS, RECIPES, SCHEDULES, CheckpointError, TrainConfig,
                     default_config, evaluate_checkpoint, load_checkpoint, new_figure, plot_confusion,
-                    resume_conflicts, save_figure, train)
+                    resume_conflicts, save_figure, train, TrainingDiverged)
 
 PROG = "fastmlp"
 # What a run writes into --out besides the checkpoint.
@@ -257,12 +257,13 @@ def cmd_train(args, error) -> int:
     try:
         result = train(config, device=args.device, root=args.root, out=out, resume=ckpt,
                        progress=args.progress, download=args.download)
-    except (DataError, OSError) as exc:  # OSError: --out cannot be made or written
+    except (DataError, OSError, TrainingDiverged) as exc:  # OSError: --out cannot be made or written
         print(f"{PROG} train: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\n{PROG} train: interrupted; continue with: {PROG} train --resume {out / CHECKPOINT_NAME}",
-              file=sys.stderr)
+        saved = out / CHECKPOINT_NAME
+        hint = f"continue with: {PROG} train --resume {saved}" if saved.exists() else "no epoch was saved"
+        print(f"\n{PROG} train: interrupted; {hint}", file=sys.stderr)
         return 130
     if result.checkpoint_path is not None:  # rank 0 only
         print(f"wrote {out}/: {CHECKPOINT_NAME}, {', '.join(RUN_FILES)}", flush=True)

@@ -349,3 +349,22 @@ def test_evaluate_val_of_a_run_without_validation(data_root, tmp_path, capsys):
                    "--no-progress", "--root", data_root, "--out", out) == 0
     assert run_cli("evaluate", "--checkpoint", out / "checkpoint.pt", "--root", data_root, "--split", "val") == 2
     assert "held out no validation images" in capsys.readouterr().err
+
+
+def test_a_diverging_run_exits_1_and_saves_no_nan_checkpoint(data_root, tmp_path, capsys):
+    out = tmp_path / "div"
+    assert run_cli("train", "--dataset", "mnist", "--epochs", "2", "--train-limit", "300", "--lr", "1e30",
+                   "--no-progress", "--root", data_root, "--out", out) == 1
+    err = capsys.readouterr().err
+    assert "training diverged in epoch 1 (train loss nan); lower --lr" in err and "Traceback" not in err
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_ctrl_c_before_the_first_checkpoint_names_none(data_root, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train", interrupted)
+    assert run_cli("train", "--dataset", "mnist", "--root", data_root, "--out", tmp_path / "new") == 130
+    err = capsys.readouterr().err
+    assert "interrupted; no epoch was saved" in err and "--resume" not in err

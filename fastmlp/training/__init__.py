@@ -26,14 +26,14 @@ from .evaluation import confusion_matrix, evaluate, evaluate_with_confusion, per
 from .files import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, CheckpointError, atomic_write,
                     load_checkpoint, model_from_checkpoint, save_checkpoint, write_json)
 from .plots import new_figure, plot_confusion, plot_curves, save_figure
-from .run import TrainResult, describe, evaluate_checkpoint, format_epoch, run_metrics, train
+from .run import TrainingDiverged, TrainResult, describe, evaluate_checkpoint, format_epoch, run_metrics, train
 from .strategies import AutogradSteps, FusedSteps, GraphSteps, ManyFusedSteps, choose_strategy
 from .trainer import Trainer, kernels
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "OPTIMIZERS", "PRECISIONS", "RECIPES",
     "RESUME_MAY_CHANGE", "SCHEDULES", "AutogradSteps", "CheckpointError", "FusedSteps", "GraphSteps", "ManyFusedSteps", "TrainConfig",
-    "TrainResult", "Trainer", "atomic_write", "choose_strategy", "confusion_matrix", "default_config", "describe",
+    "TrainResult", "Trainer", "TrainingDiverged", "atomic_write", "choose_strategy", "confusion_matrix", "default_config", "describe",
     "evaluate", "evaluate_checkpoint", "evaluate_with_confusion", "format_epoch", "kernels", "load_checkpoint", "model_from_checkpoint",
     "new_figure", "per_class_accuracy", "plot_confusion", "plot_curves", "replace_config", "resume_conflicts",
     "run_metrics", "save_checkpoint", "save_figure", "train", "write_json",

@@ -1,6 +1,7 @@
 """A whole run: train() (what `fastmlp train` calls) with its log lines, metrics and files, and
 evaluate_checkpoint() (what `fastmlp evaluate` calls)."""
 
+import math
 import os
 import sys
 import warnings
@@ -101,6 +102,11 @@ def run_metrics(trainer: "Trainer", test: dict | None = None) -> dict:
     }
 
 
+class TrainingDiverged(RuntimeError):
+    """An epoch's training loss was not finite: the weights are lost to NaN or infinity. The run's
+    files keep the last finite epoch."""
+
+
 def train(config: TrainConfig, *, device="cpu", root=None, out=None, resume=None, progress: bool | None = None,
           download: bool = False, data: dict[str, Split] | None = None, stop_after: int | None = None,
           log=None) -> TrainResult:
@@ -151,6 +157,11 @@ def train(config: TrainConfig, *, device="cpu", root=None, out=None, resume=None
             entry = trainer.train_epoch(progress)
             ran += 1
             log(format_epoch(entry, config.epochs))
+            if not math.isfinite(entry["train_loss"]):  # before the checkpoint: keep the last good one
+                raise TrainingDiverged(f"training diverged in epoch {entry['epoch']} (train loss "
+                                       f"{entry['train_loss']}); lower --lr" + (
+                                           f"; {ckpt_path} keeps the last finite epoch"
+                                           if ckpt_path is not None and ckpt_path.exists() else ""))
             if out is not None:
                 save_checkpoint(trainer.checkpoint(), ckpt_path)
                 write_json(run_metrics(trainer), out / "metrics.json")
