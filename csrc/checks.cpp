@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 #include <utility>
 #include <vector>
@@ -29,7 +28,7 @@ void check_no_shared_memory(const char* op, const std::vector<std::pair<std::str
     const at::Tensor& t = tensors[i].second;
     if (t.numel() == 0) continue;
     int64_t last = 0;  // offset of the last element (strides are >= 0 for these tensors)
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * std::abs(t.stride(d));
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
     const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
     extents.push_back({begin, begin + uintptr_t(last + 1) * t.element_size(), i});
   }

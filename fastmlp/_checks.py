@@ -27,6 +27,10 @@ _ALLOWED = {
 }
 
 
+def _allowed(x):
+    return _ALLOWED.get(x.device.type, "float32, float64, bfloat16 or float16")
+
+
 def _dtype(t):
     return _C10_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
 
@@ -51,8 +55,7 @@ def linear_args(op, x, w, b):
     """check_linear_args: x (M, K), w (N, K), b (N,) or None; one float dtype, one device."""
     _check(x.dim() == 2, op, f"x must be 2-D (batch, in_features), got shape {_shape(x)}")
     _check(w.dim() == 2, op, f"w must be 2-D (out_features, in_features), got shape {_shape(w)}")
-    allowed = _ALLOWED.get(x.device.type, "float32, float64, bfloat16 or float16")
-    _check(x.dtype in _FLOATS, op, f"x must be {allowed}, got {_dtype(x)}")
+    _check(x.dtype in _FLOATS, op, f"x must be {_allowed(x)}, got {_dtype(x)}")
     _check(w.dtype == x.dtype, op, f"w has dtype {_dtype(w)} but x has dtype {_dtype(x)}; they must match")
     _same_device(op, "w", w, x)
     _check(x.shape[1] == w.shape[1], op,
@@ -84,8 +87,7 @@ def mask(op, m, x, w):
 def mlp_forward_args(op, x, weights, biases):
     """check_mlp_forward_args: x (..., in_features), weights chaining from it, biases none or one each."""
     _check(x.dim() >= 1, op, "x must have at least 1 dimension (..., in_features), got a 0-d tensor")
-    allowed = _ALLOWED.get(x.device.type, "float32, float64, bfloat16 or float16")
-    _check(x.dtype in _FLOATS, op, f"x must be {allowed}, got {_dtype(x)}")
+    _check(x.dtype in _FLOATS, op, f"x must be {_allowed(x)}, got {_dtype(x)}")
     _check(len(weights) > 0, op, "weights must not be empty")
     _check(len(biases) in (0, len(weights)), op,
            f"biases must be empty or one per layer ({len(weights)}), got {len(biases)}")

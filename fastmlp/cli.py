@@ -31,44 +31,24 @@ PROG = "fastmlp"
 RUN_FILES = ("metrics.json", "curves.png", "confusion.png")
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def _int_below(limit):
-    """An argparse type: a non-negative int below `limit` (torch takes seeds below 2^63 here, thread counts
-    below 2^31), so a huge value is a usage error rather than an overflow deep inside."""
+def _int_type(low, limit=None):
+    """An argparse type: an int >= low and, with a limit, below it (torch takes seeds below 2^63, thread
+    counts below 2^31), so a huge value is a usage error rather than an overflow deep inside."""
     def parse(text):
-        value = _non_negative_int(text)
-        if value >= limit:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if limit is not None and value >= limit:
             raise argparse.ArgumentTypeError(f"must be below {limit}, got {value}")
         return value
     return parse
 
 
-def _positive_int_below(limit):
-    def parse(text):
-        value = _int_below(limit)(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-        return value
-    return parse
+_positive_int = _int_type(1)
+_non_negative_int = _int_type(0)
 
 
 def _positive_float(text):
@@ -109,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--dropout", type=float, help="dropout after each hidden ReLU (default 0)")
     t.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (cosine: per step, to 0)")
-    t.add_argument("--seed", type=_int_below(2 ** 63))
+    t.add_argument("--seed", type=_int_type(0, 2 ** 63))
     t.add_argument("--backend", choices=BACKENDS, help="fused: fastmlp kernels (default); torch: nn.Linear+nn.ReLU")
     t.add_argument("--precision", choices=PRECISIONS,
                    help="fp32 (default), or bf16: torch.autocast(bfloat16)'s arithmetic (bfloat16 GEMM operands and "
@@ -127,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-size", type=_non_negative_int, help="validation images held out of the 60000 (default 5000)")
     t.add_argument("--train-limit", type=_positive_int, metavar="N",
                    help="train on the first N training images only (quick runs)")
-    t.add_argument("--threads", type=_positive_int_below(2 ** 31), help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=_int_type(1, 2 ** 31), help="torch CPU threads (default: torch's choice)")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar per epoch (default: when stderr is a terminal)")
 
@@ -139,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=BACKENDS, default="fused")
     e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     e.add_argument("--root", type=Path)
-    e.add_argument("--threads", type=_positive_int_below(2 ** 31))
+    e.add_argument("--threads", type=_int_type(1, 2 ** 31))
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--plot", type=Path, metavar="PNG", help="draw the confusion matrix into this PNG file")
 

@@ -90,7 +90,8 @@ def _contents_problem(ckpt: dict) -> str | None:
     dataset = ckpt["config"].get("dataset")
     if dataset not in SIZES:
         return f"config dataset {dataset!r} (known: {', '.join(SIZES)})"
-    expected = model_for(dataset, "torch").state_dict()
+    with torch.device("meta"):  # shapes only: no memory, no initialisation, the global RNG untouched
+        expected = model_for(dataset, "torch").state_dict()
     got = ckpt["state_dict"]
     if set(got) != set(expected):
         return f"state_dict holds {sorted(got)}, the {dataset} model has {sorted(expected)}"

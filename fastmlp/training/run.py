@@ -158,10 +158,10 @@ def train(config: TrainConfig, *, device="cpu", root=None, out=None, resume=None
             ran += 1
             log(format_epoch(entry, config.epochs))
             if not math.isfinite(entry["train_loss"]):  # before the checkpoint: keep the last good one
-                raise TrainingDiverged(f"training diverged in epoch {entry['epoch']} (train loss "
-                                       f"{entry['train_loss']}); lower --lr" + (
-                                           f"; {ckpt_path} keeps the last finite epoch"
-                                           if ckpt_path is not None and ckpt_path.exists() else ""))
+                message = f"training diverged in epoch {entry['epoch']} (train loss {entry['train_loss']}); lower --lr"
+                if ckpt_path is not None and ckpt_path.exists():
+                    message += f"; {ckpt_path} keeps the last finite epoch"
+                raise TrainingDiverged(message)
             if out is not None:
                 save_checkpoint(trainer.checkpoint(), ckpt_path)
                 write_json(run_metrics(trainer), out / "metrics.json")
