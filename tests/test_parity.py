@@ -20,6 +20,7 @@ SHAPES = [  # (batch, in, out)
     (64, 128, 64),
     (64, 64, 10),
     (1000, 300, 257),
+    (700, 33, 10),  # more rows than one block of the bias gradient's sum (runner.h kBiasSumRows), K tail
     (1, 784, 256),
     (0, 784, 256),
     (33, 17, 129),
@@ -229,14 +230,16 @@ def test_nan_preactivation_gradients_like_torch(where):
 @pytest.mark.skipif(fastmlp.backend("cpu") != "compiled", reason="the fallback is PyTorch's GEMM: no such promise")
 @pytest.mark.parametrize("relu", [True, False], ids=["linear_relu", "linear"])
 @pytest.mark.parametrize("rows", [2100, 300, 6, 3])
-def test_results_do_not_depend_on_thread_count(relu, rows):
+@pytest.mark.parametrize("n_out", [256, 10])
+def test_results_do_not_depend_on_thread_count(relu, rows, n_out):
     """Every output is summed in one fixed order, whatever the split over threads (2100 rows: tall
-    GEMMs split by rows, runner.h kRowSplitRows, and dW a sum of many K blocks; 3 rows: dW a sum of
-    3 terms, split by rows too)."""
+    GEMMs split by rows, runner.h kRowSplitRows, and dW a sum of many K blocks; 300 and 2100 rows:
+    the bias gradient summed in blocks of rows, split by blocks; 3 rows: dW a sum of 3 terms, split
+    by rows too)."""
     torch.manual_seed(3)
     x = torch.randn(rows, 784)
-    layer = (fastmlp.FusedLinearReLU if relu else fastmlp.Linear)(784, 256)
-    gy = torch.randn(rows, 256)
+    layer = (fastmlp.FusedLinearReLU if relu else fastmlp.Linear)(784, n_out)
+    gy = torch.randn(rows, n_out)
     before = torch.get_num_threads()
     try:
         results = []

@@ -118,7 +118,7 @@ template <typename T>
 struct KernelTable {
   // Computes C rows [r0, r1) x cols [c0, c1) of the problem.
   void (*gemm_block)(const Gemm<T>& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1);
-  // dz = gy where the mask bit is set, else 0; gb[j] += sum_i dz(i, j) over rows [0, rows) for
+  // dz = gy where the mask bit is set, else 0; gb[j] = sum_i dz(i, j) over rows [0, rows) for
   // cols [c0, c1). Either of dz / gb may be null. mask == nullptr means "no ReLU" (dz = gy).
   void (*drelu_bias_grad)(int64_t rows, int64_t c0, int64_t c1, const T* gy, int64_t ldg,
                           const uint8_t* mask, int64_t ldm, T* dz, T* gb);

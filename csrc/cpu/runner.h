@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "amx.h"
 #include "kernels.h"
@@ -74,11 +75,38 @@ void run_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
   });
 }
 
+// The bias gradient of more than this many rows is summed in blocks of this many rows, top to
+// bottom within a block, and the blocks' sums are then added in order. The blocks are fixed by the
+// row count alone, so the result does not depend on the thread split; they let the pass split along
+// rows at a large batch (a split along columns left a gradient 64 or fewer columns wide on one
+// thread), as the dX GEMM after it is split there.
+inline constexpr int64_t kBiasSumRows = 256;
+
 // dz = gy masked by the ReLU bits (or gy itself when mask is null); gb = column sums of dz.
 template <typename T>
 void run_drelu_bias_grad(const KernelTable<T>& k, int64_t rows, int64_t cols, const T* gy,
                          const uint8_t* mask, int64_t ldm, T* dz, T* gb) {
   const int64_t nt = threads_for(rows * cols, kParallelElems);
+  if (rows > kBiasSumRows) {
+    const int64_t blocks = div_up(rows, kBiasSumRows);
+    std::vector<T> sums(gb ? blocks * cols : 0);
+    auto run = [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r0 = b * kBiasSumRows;
+        k.drelu_bias_grad(std::min(kBiasSumRows, rows - r0), 0, cols, gy + r0 * cols, cols,
+                          mask ? mask + r0 * ldm : nullptr, ldm, dz ? dz + r0 * cols : nullptr,
+                          gb ? sums.data() + b * cols : nullptr);
+      }
+    };
+    if (nt == 1) run(0, blocks);
+    else at::parallel_for(0, blocks, div_up(blocks, nt), run);
+    if (gb) {
+      std::copy(sums.begin(), sums.begin() + cols, gb);
+      for (int64_t b = 1; b < blocks; ++b)
+        for (int64_t j = 0; j < cols; ++j) gb[j] += sums[b * cols + j];
+    }
+    return;
+  }
   const int64_t chunks = div_up(cols, k.col_align);
   if (nt == 1 || chunks < 2) {
     k.drelu_bias_grad(rows, 0, cols, gy, cols, mask, ldm, dz, gb);
