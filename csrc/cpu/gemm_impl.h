@@ -104,8 +104,11 @@ struct GemmImpl {
     return w & low_bits(ncols);
   }
 
-  // TAIL: B is read in place and its last vector holds fewer than L columns.
-  template <int R, int Q, bool TAIL>
+  // TAIL: B is read in place and its last vector holds fewer than L columns. PA: A is a block packed
+  // by pack_a (a_rs = 1, a_cs = MR), read through one pointer at fixed offsets; otherwise through one
+  // pointer per row. With six row pointers GCC kept the avx2 loop's counter on the stack (16 general
+  // registers), a store-to-load chain in every step of the sum.
+  template <int R, int Q, bool TAIL, bool PA>
   static void tile(const Tile& t) {
     reg acc[R][Q];
     for (int r = 0; r < R; ++r)
@@ -115,17 +118,30 @@ struct GemmImpl {
         acc[r][q] = t.accumulate ? load_upto(cp, n) : V::zero();
       }
 
-    const T* ap[R];
-    for (int r = 0; r < R; ++r) ap[r] = t.a + r * t.a_rs;
     const T* bp = t.bp;
-    const int64_t a_cs = t.a_cs, ldb = t.ldb;
+    const int64_t ldb = t.ldb;
     const int n_last = t.ncols - (Q - 1) * L;
-    for (int64_t p = 0; p < t.kc; ++p, bp += ldb) {
-      reg b[Q];
-      for (int q = 0; q < Q; ++q) b[q] = TAIL && q == Q - 1 ? V::load_n(bp + q * L, n_last) : V::load(bp + q * L);
-      for (int r = 0; r < R; ++r) {
-        const reg av = V::bcast(ap[r][p * a_cs]);
-        for (int q = 0; q < Q; ++q) acc[r][q] = V::fma(av, b[q], acc[r][q]);
+    if constexpr (PA) {
+      const T* ak = t.a;
+      for (int64_t p = 0; p < t.kc; ++p, bp += ldb, ak += MR) {
+        reg b[Q];
+        for (int q = 0; q < Q; ++q) b[q] = TAIL && q == Q - 1 ? V::load_n(bp + q * L, n_last) : V::load(bp + q * L);
+        for (int r = 0; r < R; ++r) {
+          const reg av = V::bcast(ak[r]);
+          for (int q = 0; q < Q; ++q) acc[r][q] = V::fma(av, b[q], acc[r][q]);
+        }
+      }
+    } else {
+      const T* ap[R];
+      for (int r = 0; r < R; ++r) ap[r] = t.a + r * t.a_rs;
+      const int64_t a_cs = t.a_cs;
+      for (int64_t p = 0; p < t.kc; ++p, bp += ldb) {
+        reg b[Q];
+        for (int q = 0; q < Q; ++q) b[q] = TAIL && q == Q - 1 ? V::load_n(bp + q * L, n_last) : V::load(bp + q * L);
+        for (int r = 0; r < R; ++r) {
+          const reg av = V::bcast(ap[r][p * a_cs]);
+          for (int q = 0; q < Q; ++q) acc[r][q] = V::fma(av, b[q], acc[r][q]);
+        }
       }
     }
 
@@ -257,15 +273,15 @@ struct GemmImpl {
   }
 
   // Runtime (rows, vectors) -> the instantiation for it.
-  template <int R, int Q = NRV>
+  template <int R, bool PA, int Q = NRV>
   static void tile_q(int q, bool tail, const Tile& t) {
-    if (q == Q) return tail ? tile<R, Q, true>(t) : tile<R, Q, false>(t);
-    if constexpr (Q > 1) tile_q<R, Q - 1>(q, tail, t);
+    if (q == Q) return tail ? tile<R, Q, true, PA>(t) : tile<R, Q, false, PA>(t);
+    if constexpr (Q > 1) tile_q<R, PA, Q - 1>(q, tail, t);
   }
-  template <int R = MR>
+  template <bool PA, int R = MR>
   static void tile_rq(int r, int q, bool tail, const Tile& t) {
-    if (r == R) return tile_q<R>(q, tail, t);
-    if constexpr (R > 1) tile_rq<R - 1>(r, q, tail, t);
+    if (r == R) return tile_q<R, PA>(q, tail, t);
+    if constexpr (R > 1) tile_rq<PA, R - 1>(r, q, tail, t);
   }
 
   // dst (kc x NRW) = B(pc .. pc+kc, j0 .. j0+ncols) for a B whose rows are strided, zero-padded to
@@ -506,7 +522,8 @@ struct GemmImpl {
       t.c = c;
       t.mask = g.mask ? g.mask + i0 * g.ldm + j0 / 8 : nullptr;
       t.mask_in = g.mask_in ? g.mask_in + i0 * g.ldm_in : nullptr;
-      tile_rq(int(imin(MR, m1 - i0)), (ncols + L - 1) / L, !pack_b && ncols % L != 0, t);
+      if (pack_a_block) tile_rq<true>(int(imin(MR, m1 - i0)), (ncols + L - 1) / L, !pack_b && ncols % L != 0, t);
+      else tile_rq<false>(int(imin(MR, m1 - i0)), (ncols + L - 1) / L, !pack_b && ncols % L != 0, t);
     };
     for (m0 = r0; m0 < r1; m0 += mc) {
       m1 = imin(r1, m0 + mc);
