@@ -155,6 +155,29 @@ struct GemmImpl {
         for (int q = 0; q < Q; ++q) V::store(t.c + r * t.ldc + q * L, acc[r][q]);
       return;
     }
+    // The forward's last K block of a whole-width tile (bias, ReLU and the mask: the hidden layers)
+    // likewise, with the bias loaded once per tile rather than once per row and vector.
+    if (!TAIL && t.ncols == Q * L && t.final && t.relu && t.mask && !t.mask_in && !t.round) {
+      auto finish = [&](auto with_bias) {
+        reg bias[Q];
+        if constexpr (decltype(with_bias)::value)
+          for (int q = 0; q < Q; ++q) bias[q] = V::load(t.bias + q * L);
+        for (int r = 0; r < R; ++r) {
+          uint64_t bits = 0;
+          for (int q = 0; q < Q; ++q) {
+            reg v = acc[r][q];
+            if constexpr (decltype(with_bias)::value) v = V::add(v, bias[q]);
+            bits |= uint64_t(V::gt0_bits(v)) << (q * L);
+            V::store(t.c + r * t.ldc + q * L, V::relu(v));
+          }
+          uint8_t* m = t.mask + r * t.ldm;
+          for (int k = 0; k < Q * L / 8; ++k) m[k] = uint8_t(bits >> (8 * k));  // this tile's bytes only
+        }
+      };
+      if (t.bias) finish(std::true_type{});
+      else finish(std::false_type{});
+      return;
+    }
     for (int r = 0; r < R; ++r) {
       uint64_t bits = 0;
       const uint64_t in_bits = t.final && t.mask_in ? tile_bits(t.mask_in + r * t.ldm_in + t.j0 / 8, t.ncols) : 0;
