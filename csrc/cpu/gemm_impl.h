@@ -121,28 +121,23 @@ struct GemmImpl {
     const T* bp = t.bp;
     const int64_t ldb = t.ldb;
     const int n_last = t.ncols - (Q - 1) * L;
+    // One step of the sum: B row bp times A(r, p) = a(r) into every row r of the tile.
+    auto step = [&](const T* bp, auto a) __attribute__((always_inline)) {
+      reg b[Q];
+      for (int q = 0; q < Q; ++q) b[q] = TAIL && q == Q - 1 ? V::load_n(bp + q * L, n_last) : V::load(bp + q * L);
+      for (int r = 0; r < R; ++r) {
+        const reg av = V::bcast(a(r));
+        for (int q = 0; q < Q; ++q) acc[r][q] = V::fma(av, b[q], acc[r][q]);
+      }
+    };
     if constexpr (PA) {
       const T* ak = t.a;
-      for (int64_t p = 0; p < t.kc; ++p, bp += ldb, ak += MR) {
-        reg b[Q];
-        for (int q = 0; q < Q; ++q) b[q] = TAIL && q == Q - 1 ? V::load_n(bp + q * L, n_last) : V::load(bp + q * L);
-        for (int r = 0; r < R; ++r) {
-          const reg av = V::bcast(ak[r]);
-          for (int q = 0; q < Q; ++q) acc[r][q] = V::fma(av, b[q], acc[r][q]);
-        }
-      }
+      for (int64_t p = 0; p < t.kc; ++p, bp += ldb, ak += MR) step(bp, [&](int r) { return ak[r]; });
     } else {
       const T* ap[R];
       for (int r = 0; r < R; ++r) ap[r] = t.a + r * t.a_rs;
       const int64_t a_cs = t.a_cs;
-      for (int64_t p = 0; p < t.kc; ++p, bp += ldb) {
-        reg b[Q];
-        for (int q = 0; q < Q; ++q) b[q] = TAIL && q == Q - 1 ? V::load_n(bp + q * L, n_last) : V::load(bp + q * L);
-        for (int r = 0; r < R; ++r) {
-          const reg av = V::bcast(ap[r][p * a_cs]);
-          for (int q = 0; q < Q; ++q) acc[r][q] = V::fma(av, b[q], acc[r][q]);
-        }
-      }
+      for (int64_t p = 0; p < t.kc; ++p, bp += ldb) step(bp, [&](int r) { return ap[r][p * a_cs]; });
     }
 
     // A whole-width tile with nothing to apply (an earlier K block, or a product without an
