@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command for the CPU measurements issues 11 and 12 ask for, on whatever CPU this session drew
 # (the pool's Intel Xeons with AVX-512 and AMX-BF16, its AMD EPYCs with AVX2 only or with AVX-512).
-# From the repository root, with fastmlp built (`pip install .` or `python setup.py build_ext
-# --inplace`) and the datasets in ../shared/data (or FASTMLP_DATA):
+# With fastmlp built in place (`python setup.py build_ext --inplace`: every step imports the package
+# from this checkout) and the datasets in ../shared/data (or FASTMLP_DATA):
 #
 #     bash benchmarks/cpu_check.sh
 #
@@ -29,6 +29,8 @@ PY=${PYTHON:-python}
 DATA=${FASTMLP_DATA:-$ROOT/../shared/data}
 REPEAT=${REPEAT:-30}
 cd "$ROOT" || exit 1
+# `python benchmarks/x.py` puts benchmarks/ first on sys.path, not the checkout: name it.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 say() { echo "[cpu_check $(( $(date +%s) - T0 ))s] $*" | tee -a "$LOGS/summary.log"; }
 : > "$LOGS/summary.log"
