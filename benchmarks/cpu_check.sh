@@ -13,7 +13,8 @@
 #    which checks each variant's results before timing it), then the bf16 cases where the CPU has
 #    AVX512-BF16 or AMX-BF16, and, on an AVX-512 CPU, the layer and trainer cases again with the avx2
 #    kernels forced (issue 12: "likewise check the avx2 kernels");
-# 4. puts the layer GEMMs beside MKL's and oneDNN's in GFLOP/s (benchmarks/gemm_vs_vendor.py);
+# 4. puts the layer GEMMs beside MKL's and oneDNN's in GFLOP/s (benchmarks/gemm_vs_vendor.py), and
+#    times the CPU's K block against the other candidate, paired (benchmarks/kblock_ab.py);
 # 5. on an AMX-BF16 CPU, the 30-epoch bf16 accuracy of both recipes, seeds 0-2 (issue 11);
 # 6. evaluates the issues' targets from those files (benchmarks/cpu_targets.py) into summary.md.
 # Results (JSON, logs, summary.md) go to $OUT or ./cpu_check_logs. About 3 minutes on a 2-core Zen 5 VM
@@ -79,6 +80,11 @@ if has avx512f; then
   step gemm_vs_vendor_avx2 900 "$PY" benchmarks/gemm_vs_vendor.py --isa avx2 --json "$LOGS/gemm-vs-vendor-avx2.json"
 fi
 
+# ---- 4b. the K block: this CPU's own against the other candidate (benchmarks/kblock_ab.py) ----------
+OWN_KB=$("$PY" -c "import fastmlp; print(fastmlp.backend_info()['cpu_k_block'])")
+OTHER_KB=$([ "$OWN_KB" = 400 ] && echo 128 || echo 400)
+step kblock_ab 900 "$PY" benchmarks/kblock_ab.py --blocks "$OWN_KB" "$OTHER_KB" --json "$LOGS/kblock-ab.json"
+
 # ---- 5. bf16 accuracy (issue 11: >= 98.0 % MNIST, >= 89.0 % Fashion-MNIST, mean of 3 seeds) --------
 if has amx_bf16; then
   for ds in mnist fashion-mnist; do
@@ -108,6 +114,9 @@ fi
     echo; echo "## the avx2 kernels forced (FASTMLP_CPU_ISA=avx2)"; echo
     "$PY" benchmarks/cpu_targets.py --only 12 "$LOGS/bench-fp32-forced-avx2.json"
   fi
+  echo; echo "## the K block of the GEMMs (ratio < 1: the other block is faster here; csrc/cpu/dispatch.cpp float_k_block)"; echo
+  grep -v '^|' "$LOGS/kblock_ab.txt" | head -3 || true
+  grep '^|' "$LOGS/kblock_ab.txt" || true
   echo; echo "## GEMMs against the vendors (GFLOP/s)"; echo
   grep '^|' "$LOGS/gemm_vs_vendor.txt" || true
   if has avx512f; then

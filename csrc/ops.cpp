@@ -93,6 +93,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", [] { return std::string(fastmlp::cpu::active_kernels().isa); },
         "Instruction set of the CPU kernels in use.");
   m.def("supported_cpu_isas", [] { return std::string(fastmlp::cpu::supported_isas()); });
+  m.def("cpu_k_block", [] { return fastmlp::cpu::k_block_of(fastmlp::cpu::active_kernels().f32); },
+        "K block of the float32 GEMMs of the CPU kernels in use.");
+  m.def("set_cpu_k_block", [](int64_t k_block) {
+        TORCH_CHECK(fastmlp::cpu::set_k_block_override(k_block), "fastmlp: the K block must be a multiple of 16 ",
+                    "from 16 to 1024, or 0 for each CPU's own, got ", k_block);
+      },
+      "Tuning aid: the K block of every CPU GEMM (0: each CPU's measured one; FASTMLP_CPU_KBLOCK). "
+      "Results are the same bits whatever the block.");
   m.def("set_cpu_isa", [](const std::string& isa) {
         TORCH_CHECK(fastmlp::cpu::set_isa(isa.c_str()), "fastmlp: CPU instruction set '", isa,
                     "' is unknown or not supported here; supported: ", fastmlp::cpu::supported_isas(),

@@ -53,7 +53,8 @@ def backend(device="cpu") -> str:
 
 def backend_info() -> dict:
     """Details behind backend(): extension status, CPU instruction set, what runs bfloat16 on the CPU
-    ("cpu_bf16": AMX tiles, AVX512-BF16 dot products, or the float32 kernels on widened operands),
+    ("cpu_bf16": AMX tiles, AVX512-BF16 dot products, or the float32 kernels on widened operands), the
+    K block of the float32 CPU GEMM ("cpu_k_block": tuned per kind of CPU, FASTMLP_CPU_KBLOCK),
     which GEMMs serve the layer ops ("gemm" mode, see set_gemm; "cpu_vendor_gemm_shapes": where "auto"
     chose the vendor GEMM on the CPU; "cuda_vendor_gemm": its rule on CUDA), CUDA build."""
     info = {
@@ -67,6 +68,7 @@ def backend_info() -> dict:
     else:
         info["cpu_isa"] = _ops._C.cpu_isa()
         info["supported_cpu_isas"] = _ops._C.supported_cpu_isas().split(",")
+        info["cpu_k_block"] = _ops._C.cpu_k_block()
         isa = info["cpu_isa"]
         bf16_gemm = isa.startswith("amx") or isa.startswith("avx512-bf16")
         info["cpu_bf16"] = isa if bf16_gemm else "float32 kernels (operands widened)"

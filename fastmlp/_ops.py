@@ -9,6 +9,9 @@ Environment (read once, at import):
   FASTMLP_CPU_ISA=NAME         the CPU kernels to use (amx, avx512-bf16, avx512, avx2, generic, or
                                amx-emulated / avx512-bf16-emulated; read by the extension); a name this
                                CPU cannot run warns and the best kernels serve
+  FASTMLP_CPU_KBLOCK=N         the K block of the CPU GEMMs (a multiple of 16 from 16 to 1024; a tuning aid,
+                               as _C.set_cpu_k_block: results are the same bits whatever the block); another
+                               value warns and each CPU's measured block serves
   FASTMLP_REFUSE_AMX=1         behave as if Linux refused the AMX tile data (tests the fallback)
   FASTMLP_GEMM=MODE            the GEMM of the CPU layer ops: auto (default), fastmlp or vendor (read by the
                                extension; see fastmlp.set_gemm); another value warns and auto serves
@@ -154,6 +157,14 @@ else:
         warnings.warn(
             f"fastmlp: FASTMLP_CPU_ISA={_isa_env} is not a CPU kernel family this machine runs (it runs: "
             f"{_C.supported_cpu_isas()}); using {_C.cpu_isa()}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    _kblock_env = os.environ.get("FASTMLP_CPU_KBLOCK", "")
+    if _kblock_env and not (_kblock_env.isdigit() and 16 <= int(_kblock_env) <= 1024 and int(_kblock_env) % 16 == 0):
+        warnings.warn(
+            f"fastmlp: FASTMLP_CPU_KBLOCK={_kblock_env} is not a multiple of 16 from 16 to 1024; using this "
+            f"CPU's K block ({_C.cpu_k_block()})",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -43,8 +43,9 @@ PROBE = textwrap.dedent(
 
 def _python(code, **env):
     """Runs `code` in a fresh interpreter importing this fastmlp, with `env` added to the environment
-    (FASTMLP_DISABLE_EXTENSION and FASTMLP_CPU_ISA only as given there)."""
-    run_env = {k: v for k, v in os.environ.items() if k not in ("FASTMLP_DISABLE_EXTENSION", "FASTMLP_CPU_ISA")}
+    (FASTMLP_DISABLE_EXTENSION, FASTMLP_CPU_ISA and FASTMLP_CPU_KBLOCK only as given there)."""
+    unset = ("FASTMLP_DISABLE_EXTENSION", "FASTMLP_CPU_ISA", "FASTMLP_CPU_KBLOCK")
+    run_env = {k: v for k, v in os.environ.items() if k not in unset}
     run_env.update(PYTHONPATH=os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]), **env)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, cwd=PACKAGE_ROOT)
 
@@ -147,6 +148,21 @@ def test_cpu_isa_environment_variable(value):
     finally:
         fastmlp.set_cpu_isa("auto")
     assert torch.equal(torch.tensor(got["out"], dtype=want.dtype), want), "not the kernels set_cpu_isa selects"
+
+
+@pytest.mark.parametrize("value", ["64", "100", "x"])
+def test_k_block_environment_variable(value):
+    """FASTMLP_CPU_KBLOCK set before import sets the K block of the CPU GEMMs, as _C.set_cpu_k_block
+    would; a value that is no multiple of 16 from 16 to 1024 warns and the CPU's own block serves."""
+    info = fastmlp.backend_info()
+    if not info["extension"]:
+        pytest.skip("no compiled extension")
+    proc = _python(ISA_PROBE.format(tests=os.path.dirname(os.path.abspath(__file__))), FASTMLP_CPU_KBLOCK=value)
+    got = _result(proc)
+    valid = value == "64"
+    assert got["info"]["cpu_k_block"] == (64 if valid else info["cpu_k_block"])
+    assert (f"FASTMLP_CPU_KBLOCK={value} is not a multiple of 16" in proc.stderr) == (not valid)
+    assert torch.equal(torch.tensor(got["out"]), fastmlp.linear(*_isa_case())), "the block changed a result"
 
 
 def test_python_schemas_equal_the_compiled_ones():

@@ -9,6 +9,9 @@
 #include "amx.h"
 #include "kernels.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
 #if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -89,6 +92,20 @@ const Kernels* best() {
   return best_plain();
 }
 
+// AMD's CPU family (0x19: Zen 3 and Zen 4, 0x1A: Zen 5), or 0 on another vendor's CPU.
+int amd_family() {
+#if defined(__x86_64__) || defined(_M_X64)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return 0;
+  const bool amd = ebx == 0x68747541 && edx == 0x69746e65 && ecx == 0x444d4163;  // "AuthenticAMD"
+  if (!amd || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 0;
+  const int base = int((eax >> 8) & 0xf);
+  return base == 0xf ? base + int((eax >> 20) & 0xff) : base;
+#else
+  return 0;
+#endif
+}
+
 std::atomic<const Kernels*>& current() {
   static std::atomic<const Kernels*> k{[] {
     const char* env = std::getenv("FASTMLP_CPU_ISA");
@@ -101,6 +118,37 @@ std::atomic<const Kernels*>& current() {
 }
 
 }  // namespace
+
+int64_t float_k_block(const char* isa, int64_t fallback) {
+  // Zen 4 (family 0x19 with AVX-512; Zen 3 has none) runs the avx512 float32 GEMMs faster with K = 784
+  // in two blocks of 392 than in seven of 112: training epochs 6-14%, layers up to 15% (BENCHMARKS.md).
+  // Elsewhere the blocks stay as measured there (Zen 5: 128 for avx512).
+  if (std::strcmp(isa, "avx512") == 0 && amd_family() == 0x19 && cpu_has("avx512")) return 400;
+  return fallback;
+}
+
+namespace {
+bool valid_k_block(int64_t v) { return v >= 16 && v <= 1024 && v % 16 == 0; }
+
+std::atomic<int64_t>& k_override() {
+  static std::atomic<int64_t> k{[]() -> int64_t {
+    const char* env = std::getenv("FASTMLP_CPU_KBLOCK");
+    if (!env || !*env) return 0;
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    return *end == '\0' && valid_k_block(v) ? v : 0;  // else fastmlp/_ops.py warns
+  }()};
+  return k;
+}
+}  // namespace
+
+int64_t k_block_override() { return k_override().load(std::memory_order_relaxed); }
+
+bool set_k_block_override(int64_t k_block) {
+  if (k_block != 0 && !valid_k_block(k_block)) return false;
+  k_override().store(k_block);
+  return true;
+}
 
 const Kernels& active_kernels() { return *current().load(std::memory_order_relaxed); }
 

@@ -1,19 +1,20 @@
 // The CPU GEMM, written once over a lane type V (see vec_*.h) and instantiated per instruction set.
 //
 // BLIS-style blocking, sized for the small MLP shapes this library exists for:
-//   - B is read in panels of KC rows x NRW columns that stay in L1. A B with contiguous rows (dX, dW)
+//   - B is read in panels of a K block of rows x NRW columns. A B with contiguous rows (dX, dW)
 //     is read where it lies; a transposed one (the weight in the forward) is first packed into a
 //     zero-padded panel, transposing 16x16 blocks in registers.
 //   - Rows are taken MC at a time, so the rows of A a panel meets stay in L2 at large batch sizes.
 //   - A is only ever broadcast element by element, so any strides work. When its rows are strided
 //     and its columns contiguous (dz.T in dW: a tile's broadcasts would hit one L1 set per row), the
-//     MC x KC block is first copied tile-major, MR elements per step, which is cheap in that layout.
-//   - The micro-kernel keeps an MR x NRW tile of C in registers for a whole KC block; the last
+//     MC-row block of a K block is first copied tile-major, MR elements per step, which is cheap in
+//     that layout.
+//   - The micro-kernel keeps an MR x NRW tile of C in registers for a whole K block; the last
 //     block applies the epilogue (bias, ReLU, 1-bit mask) before the only store of the result.
 //   - A fused optimizer update (dW in the whole-step op) is applied to whole rows of the parameter
 //     after their gradient is finished (update_rows), not tile by tile.
-// Each element of C is summed in the same order whatever the thread split, so results do not
-// depend on the number of threads.
+// Each element of C is summed in the same order whatever the thread split and the K block, so results
+// depend on neither the number of threads nor the CPU's K block.
 //
 // Included by the gemm_<isa>.cpp translation units only, after they define FASTMLP_ISA_NS, so the
 // symbols of every instruction set stay apart.
@@ -46,7 +47,8 @@ inline uint32_t read_bits(const uint8_t* row, int64_t j, int n) {
   return uint32_t((w >> shift) & low_bits(n));
 }
 
-// V: lanes; MR x NRV vectors: the micro-tile; KC: K block; MC: row block; DQ: columns per dot tile.
+// V: lanes; MR x NRV vectors: the micro-tile; KC: the K block when the Gemm names none (run_gemm
+// names the CPU's, KernelTable::inner_block); MC: row block; DQ: columns per dot tile.
 template <class V, int MR, int NRV, int KC, int MC = 32 * MR, int DQ = 4>
 struct GemmImpl {
   using T = typename V::T;
@@ -60,6 +62,7 @@ struct GemmImpl {
     else return v;
   }
   static_assert(NRW % 8 == 0 && NRW <= 64, "a tile's mask bits must fill whole bytes of a uint64");
+  static_assert(KC % L == 0, "K blocks are whole vectors");
 
   struct Tile {
     int64_t kc;
@@ -70,8 +73,8 @@ struct GemmImpl {
     T* c;         // C(i0, j0)
     int64_t ldc;
     int ncols;        // valid columns in this tile, 1..NRW
-    bool accumulate;  // C already holds the sum over earlier KC blocks
-    bool final;       // last KC block: apply the epilogue
+    bool accumulate;  // C already holds the sum over earlier K blocks
+    bool final;       // last K block: apply the epilogue
     const T* bias;    // bias + j0, or null
     bool relu;
     bool round;     // round the finished sums to bfloat16
@@ -504,9 +507,11 @@ struct GemmImpl {
     const int64_t inner = g.inner;  // inner == 0 still needs one pass: C = epilogue(0)
     // Equal K blocks (784 = 7 x 112, not 6 x 128 + 16): a short last block would cost a whole
     // pass over C for little work. Rounded to whole vectors so packing transposes full blocks.
-    static_assert(KC % L == 0, "K blocks are whole vectors");
-    const int64_t nblocks = inner > 0 ? (inner + KC - 1) / KC : 1;
-    const int64_t kstep = imin(KC, ((inner + nblocks - 1) / nblocks + L - 1) / L * L) + (inner == 0);
+    // Each element of C is summed in the same order whatever the block (a later block resumes from
+    // the partial sum the earlier one stored), so the block changes speed only, never a bit.
+    const int64_t KB = g.k_block > 0 ? g.k_block : KC;
+    const int64_t nblocks = inner > 0 ? (inner + KB - 1) / KB : 1;
+    const int64_t kstep = imin(KB, ((inner + nblocks - 1) / nblocks + L - 1) / L * L) + (inner == 0);
     // An update summed in one K block with B read in place goes strip by strip: rows outer,
     // MR rows of the gradient finished across all columns into a small scratch strip and applied
     // at once (update_rows). Otherwise the gradient is parked in C and applied per row block.
@@ -515,9 +520,9 @@ struct GemmImpl {
     const int64_t strip_ld = (c1 - c0 + L - 1) / L * L;
     constexpr int64_t kMcTiles = (MC + MR - 1) / MR;
     T* panel = static_cast<T*>(
-        scratch(int64_t(sizeof(T)) * (KC * NRW + kMcTiles * MR * KC + kPackSlack + (strips ? MR * strip_ld : 0))));
-    T* a_block = panel + KC * NRW;
-    T* strip = a_block + kMcTiles * MR * KC + kPackSlack;
+        scratch(int64_t(sizeof(T)) * (KB * NRW + kMcTiles * MR * KB + kPackSlack + (strips ? MR * strip_ld : 0))));
+    T* a_block = panel + KB * NRW;
+    T* strip = a_block + kMcTiles * MR * KB + kPackSlack;
     Tile t;
     t.ldb = pack_b ? NRW : g.b_rs;
     t.a_rs = pack_a_block ? 1 : g.a_rs;
@@ -607,7 +612,8 @@ struct GemmImpl {
     if (j < n) V::store_n(dst + j, round_bf16(V::load_n(src + j, int(n - j))), int(n - j));
   }
 
-  static KernelTable<T> table() {
+  // k_block: the K block for run_gemm to name (this CPU's: float_k_block in kernels.h).
+  static KernelTable<T> table(int64_t k_block = KC) {
     KernelTable<T> k;
     k.gemm_block = &gemm_block;
     k.drelu_bias_grad = &drelu_bias_grad;
@@ -616,7 +622,7 @@ struct GemmImpl {
     k.round_bf16 = kRounds ? &round_copy : nullptr;
     k.panel_cols = NRW;
     k.rows_per_tile = MR;
-    k.inner_block = KC;
+    k.inner_block = k_block;
     k.col_align = NRW;
     return k;
   }

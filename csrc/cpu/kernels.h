@@ -46,7 +46,7 @@ struct Update {
 //   ReLU, writing a 1-bit mask (bit (j % 8) of mask[i * ldm + j / 8] set iff the sum is > 0) when
 //   mask is given (inference needs none);
 //   or, instead of storing C, an optimizer `update` of a parameter shaped like C (its param / buf /
-//   buf2 with leading dimension ldc). When inner <= inner_block and B's rows are contiguous
+//   buf2 with leading dimension ldc). When inner <= the K block and B's rows are contiguous
 //   (b_cs == 1) the gradient never reaches C (c may be null); otherwise C holds it on the way.
 // With round_bf16 (float32 only) the finished sum is rounded to bfloat16 after the bias and the input
 // mask, before the ReLU tests it: the result of a bf16 GEMM with float32 accumulation.
@@ -67,6 +67,9 @@ struct Gemm {
   int64_t ldm_in = 0;
   bool round_bf16 = false;
   Update<T> update;
+  // Rows of B per panel (a multiple of 16), or 0: the kernel's own. Speed only: every element of C is
+  // summed in the same order whatever the block. run_gemm names the CPU's (k_block_of).
+  int64_t k_block = 0;
 };
 
 // The forward GEMM of a layer: y (M x N) = x (M x K) @ w.T + bias, x, w and y contiguous, then ReLU
@@ -131,7 +134,7 @@ struct KernelTable {
   void (*round_bf16)(const T* src, T* dst, int64_t n);
   int64_t panel_cols;     // width of one packed B panel (columns a micro-kernel produces at once)
   int64_t rows_per_tile;  // rows of C a micro-kernel produces at once
-  int64_t inner_block;    // K-blocking: sums longer than this park partial results in C
+  int64_t inner_block;    // K block on this CPU (float_k_block); longer sums park partial results in C
   int64_t col_align;   // alignment of column ranges (a multiple of 8)
 };
 
@@ -152,6 +155,23 @@ const Kernels& kernels_generic();
 const Kernels& kernels_avx2();
 const Kernels& kernels_avx512();
 #endif
+
+// The K block of the float32 GEMM of `isa` ("avx512" or "avx2") measured best on this kind of CPU
+// (BENCHMARKS.md), else `fallback`.
+int64_t float_k_block(const char* isa, int64_t fallback);
+
+// A K block for every CPU GEMM instead of each table's inner_block, or 0 for none: a tuning aid (any
+// multiple of 16 from 16 to 1024; results are the same bits whatever the block). Starts as
+// $FASTMLP_CPU_KBLOCK when that is such a number. set_k_block_override returns false for another value.
+int64_t k_block_override();
+bool set_k_block_override(int64_t k_block);
+
+// The K block a GEMM on table k uses.
+template <typename T>
+int64_t k_block_of(const KernelTable<T>& k) {
+  const int64_t o = k_block_override();
+  return o > 0 ? o : k.inner_block;
+}
 
 // The table in use: the best the CPU supports, or the one named by $FASTMLP_CPU_ISA / set_isa().
 // "amx" is the avx512 tables with the AMX bf16 GEMM; "amx-emulated" the best other tables with the

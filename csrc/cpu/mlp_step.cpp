@@ -109,7 +109,7 @@ class Stepper {
     const int64_t dz_at[2] = {carve(M * widest * int64_t(sizeof(T))), carve(M * widest * int64_t(sizeof(T)))};
     const int64_t gb_at = carve(widest * int64_t(sizeof(T)));
     // The AMX dW lands in `partial` whatever the batch, and its update follows (update_weight).
-    const bool partial = M > k_.inner_block || amx_;
+    const bool partial = M > k_block_ || amx_;
     const int64_t partial_at = partial ? carve(largest * int64_t(sizeof(T))) : 0;
     const int64_t stage_at = bf16 && !amx_ ? carve(M * fan_in(0) * int64_t(sizeof(T))) : 0;
     std::vector<int64_t> shadow_at;  // bf16: the rounded weights (not with AMX), then the rounded biases
@@ -203,7 +203,7 @@ class Stepper {
         update_weight(updates[l], N, K, partial_);
       } else {  // the update of w from dz.T @ input(l), without materialising the gradient
         // Partial sums park in C between K blocks; one block needs no C at all.
-        Gemm<T> g = layer_grad_weight<T>(M, K, N, dz, input(l), M > k_.inner_block ? partial_ : nullptr);
+        Gemm<T> g = layer_grad_weight<T>(M, K, N, dz, input(l), M > k_block_ ? partial_ : nullptr);
         g.update = with_shadow(l);
         gemm(g);
       }
@@ -216,6 +216,7 @@ class Stepper {
   // g on the float32 kernels, its result rounded to bfloat16 in a bf16 step.
   void gemm(Gemm<T> g) {
     g.round_bf16 = bf16_;
+    g.k_block = k_block_;
     run_gemm(k_, g);
   }
 
@@ -251,6 +252,9 @@ class Stepper {
   int64_t fan_in(size_t l) const { return weights_[l].size(1); }
 
   const KernelTable<T>& k_;
+  // Every GEMM of the call uses this K block: the dW of a batch longer than it parks its partial sums
+  // in `partial_`, which exists only if the batch is.
+  const int64_t k_block_ = k_block_of(k_);
   at::TensorList weights_;
   bool has_bias_;
   size_t L_;

@@ -44,7 +44,9 @@ inline constexpr int64_t kRowSplitRows = 2048;
 // better than a strip of every row (and the parameter and its optimizer state stream through the
 // same way).
 template <typename T>
-void run_gemm(const KernelTable<T>& k, const Gemm<T>& g) {
+void run_gemm(const KernelTable<T>& k, const Gemm<T>& g_) {
+  Gemm<T> g = g_;
+  if (g.k_block == 0) g.k_block = k_block_of(k);
   // A sum of at most 4 terms is one streaming pass over C (outer_block in gemm_impl.h): per element a
   // store, not a micro-tile's set-up and epilogue.
   const int64_t per_element = 2 * std::max<int64_t>(g.inner, 1) + (g.inner <= 4 ? 4 : kEpilogueFlops);
