@@ -20,6 +20,22 @@ COMPILED_CPU_ISAS = ("amx", "avx512-bf16", "avx512", "avx2", "generic")
 BF16_ONLY_ISAS = ("avx512-bf16",)
 
 
+def two_fused_steps(optimizer, batch):
+    """Two whole steps of a 784-256-64-10 FusedMLP from fixed seeds (SGD with momentum and weight decay,
+    or AdamW): the losses, then the parameters, then every optimizer state tensor, for bitwise
+    comparisons of runs under different settings (thread count, K block)."""
+    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+            "adam": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2)}[optimizer]
+    torch.manual_seed(5)
+    batches = [(torch.randn(batch, 784), torch.randint(0, 10, (batch,))) for _ in range(2)]
+    torch.manual_seed(6)
+    model = fastmlp.FusedMLP([784, 256, 64, 10])
+    opt = make(model.parameters())
+    losses = [model.train_step(x, y, opt) for x, y in batches]
+    state = [t for p in model.parameters() for t in opt.state[p].values() if t.dim() > 0]
+    return losses + [p.detach() for p in model.parameters()] + state
+
+
 def torch_train_step(model, opt, x, y):
     """The ordinary step the fused ones must equal: cross-entropy, backward, optimizer step; the loss."""
     loss = torch.nn.functional.cross_entropy(model(x), y)

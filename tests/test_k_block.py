@@ -13,6 +13,7 @@ import torch
 
 import fastmlp
 from fastmlp import _ops
+from _helpers import two_fused_steps
 
 pytestmark = pytest.mark.skipif(fastmlp.backend("cpu") != "compiled", reason="the K block is the compiled kernels'")
 
@@ -63,19 +64,10 @@ def test_layer_results_do_not_depend_on_k_block(isa, k_block, relu, shape, dtype
 def test_step_does_not_depend_on_k_block(k_block, optimizer, batch):
     """The whole step: a batch longer than the block parks dW's partial sums in its own buffer, then
     updates from it; one within the block never materialises dW. Same bits either way."""
-    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
-            "adam": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2)}[optimizer]
-    torch.manual_seed(5)
-    batches = [(torch.randn(batch, 784), torch.randint(0, 10, (batch,))) for _ in range(2)]
     runs = []
     for block in [0] + BLOCKS:
         k_block(block)
-        torch.manual_seed(6)
-        model = fastmlp.FusedMLP([784, 256, 64, 10])
-        opt = make(model.parameters())
-        losses = [model.train_step(x, y, opt) for x, y in batches]
-        state = [t for p in model.parameters() for t in opt.state[p].values() if t.dim() > 0]
-        runs.append(losses + [p.detach() for p in model.parameters()] + state)
+        runs.append(two_fused_steps(optimizer, batch))
     for block, run in zip(BLOCKS, runs[1:]):
         assert len(run) == len(runs[0])
         for a, b in zip(run, runs[0]):

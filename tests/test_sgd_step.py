@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastmlp
-from _helpers import DEVICES, torch_train_step
+from _helpers import DEVICES, torch_train_step, two_fused_steps
 
 
 def _twins(sizes, dtype, device, bias=True, **sgd):
@@ -102,21 +102,12 @@ def test_step_does_not_depend_on_thread_count(optimizer, batch):
     """Every weight row's gradient and update are computed by one thread in one fixed order (and the
     small GEMMs a thread count decides to run serially sum in the same order), so a step on one or
     two threads leaves bit-identical parameters and optimizer state and returns the same loss."""
-    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
-            "adam": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2)}[optimizer]
-    torch.manual_seed(5)
-    batches = [(torch.randn(batch, 784), torch.randint(0, 10, (batch,))) for _ in range(2)]
     before = torch.get_num_threads()
     runs = []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            torch.manual_seed(6)
-            model = fastmlp.FusedMLP([784, 256, 64, 10])
-            opt = make(model.parameters())
-            losses = [model.train_step(x, y, opt) for x, y in batches]
-            state = [t for p in model.parameters() for t in opt.state[p].values() if t.dim() > 0]
-            runs.append(losses + [p.detach() for p in model.parameters()] + state)
+            runs.append(two_fused_steps(optimizer, batch))
     finally:
         torch.set_num_threads(before)
     assert len(runs[0]) == len(runs[1])
