@@ -86,13 +86,13 @@ def main(argv=None) -> int:
     if _ops._C is None:
         raise SystemExit("kblock_ab: fastmlp's compiled kernels are not importable")
     a, b = args.blocks
-    for block in (a, b):
-        _ops._C.set_cpu_k_block(block)  # refuses a block that is not a multiple of 16 from 16 to 1024
     runs = cases()
     times = {name: {a: [], b: []} for name in runs}
     gemm_mode = fastmlp.backend_info()["gemm"]
     fastmlp.set_gemm("fastmlp")
     try:
+        for block in (a, b):
+            _ops._C.set_cpu_k_block(block)  # refuses a block that is not a multiple of 16 from 16 to 1024
         for name, (_, result) in runs.items():
             got = {}
             for block in (a, b):

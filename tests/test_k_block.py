@@ -24,12 +24,13 @@ BLOCKS = [16, 48, 1024]
 def k_block():
     """Sets a K block with set_cpu_k_block(n); each CPU's own again afterwards, and the layer GEMMs all
     fastmlp's (the vendor GEMM "auto" may time and choose for tall shapes has no K block to vary)."""
+    mode = fastmlp.backend_info()["gemm"]
     fastmlp.set_gemm("fastmlp")
     try:
         yield _ops._C.set_cpu_k_block
     finally:
         _ops._C.set_cpu_k_block(0)
-        fastmlp.set_gemm("auto")
+        fastmlp.set_gemm(mode)
 
 
 def _layer_results(relu, shape, dtype):
@@ -121,4 +122,12 @@ def test_kblock_ab_refuses_results_that_differ_between_blocks(monkeypatch):
     own, mode = fastmlp.backend_info()["cpu_k_block"], fastmlp.backend_info()["gemm"]
     with pytest.raises(SystemExit, match="case computes different bits with K blocks 64 and 128"):
         bench.main(["--blocks", "64", "128", "--rounds", "1"])
+    assert fastmlp.backend_info()["cpu_k_block"] == own and fastmlp.backend_info()["gemm"] == mode
+
+
+def test_kblock_ab_refuses_a_bad_block_and_restores_the_settings():
+    bench = _kblock_ab()
+    own, mode = fastmlp.backend_info()["cpu_k_block"], fastmlp.backend_info()["gemm"]
+    with pytest.raises(RuntimeError, match="got 100"):
+        bench.main(["--blocks", "64", "100", "--rounds", "1"])
     assert fastmlp.backend_info()["cpu_k_block"] == own and fastmlp.backend_info()["gemm"] == mode
