@@ -144,9 +144,11 @@ def test_layers_without_grad_make_no_mask(device):
 
 @pytest.mark.skipif(fastmlp.backend("cpu") != "compiled", reason="the fallback is PyTorch's GEMM: no such promise")
 def test_results_do_not_depend_on_thread_count():
+    """fastmlp's GEMMs only (in "auto" mode each thread count times its own choice of GEMM per shape)."""
     torch.manual_seed(4)
     model = fastmlp.FusedMLP([784, 256, 10])
-    before = torch.get_num_threads()
+    before, mode = torch.get_num_threads(), fastmlp.backend_info()["gemm"]
+    fastmlp.set_gemm("fastmlp")
     try:
         outs = []
         for threads in (1, 2):
@@ -156,6 +158,7 @@ def test_results_do_not_depend_on_thread_count():
                     outs.append(model(torch.randn(batch, 784, generator=torch.Generator().manual_seed(batch))))
     finally:
         torch.set_num_threads(before)
+        fastmlp.set_gemm(mode)
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
 
 
