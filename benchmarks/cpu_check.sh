@@ -114,7 +114,7 @@ fi
     echo; echo "## the avx2 kernels forced (FASTMLP_CPU_ISA=avx2)"; echo
     "$PY" benchmarks/cpu_targets.py --only 12 "$LOGS/bench-fp32-forced-avx2.json"
   fi
-  echo; echo "## the K block of the GEMMs (ratio < 1: the other block is faster here; csrc/cpu/dispatch.cpp float_k_block)"; echo
+  echo; echo "## the K block of the GEMMs (ratio < 1: the other block is faster here; csrc/cpu/dispatch.cpp avx512_float_k_block)"; echo
   grep -v '^|' "$LOGS/kblock_ab.txt" | head -3 || true
   grep '^|' "$LOGS/kblock_ab.txt" || true
   echo; echo "## GEMMs against the vendors (GFLOP/s)"; echo

@@ -9,8 +9,8 @@ Cases: a batch-64 layer forward + backward at 784 -> 256 and 784 -> 128 and an 8
 784 -> 256 (the autograd layer ops, FASTMLP_GEMM=fastmlp), and half an epoch of each trainer model's
 whole step (mlp_sgd_steps on random data, batch 64, chunks of 32 batches as the trainer makes them).
 The block changes no bit of any result (checked here first, and by tests/test_k_block.py); only
-speed is compared. A block that wins everywhere here belongs in float_k_block (csrc/cpu/dispatch.cpp)
-for this kind of CPU.
+speed is compared. A block that wins everywhere here belongs in avx512_float_k_block
+(csrc/cpu/dispatch.cpp) for this kind of CPU.
 """
 
 from __future__ import annotations

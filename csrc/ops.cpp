@@ -95,6 +95,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_cpu_isas", [] { return std::string(fastmlp::cpu::supported_isas()); });
   m.def("cpu_k_block", [] { return fastmlp::cpu::k_block_of(fastmlp::cpu::active_kernels().f32); },
         "K block of the float32 GEMMs of the CPU kernels in use.");
+  m.def("cpu_k_block_override", [] { return fastmlp::cpu::k_block_override(); },
+        "The K block set for every CPU GEMM (FASTMLP_CPU_KBLOCK or set_cpu_k_block), or 0 for none.");
   m.def("set_cpu_k_block", [](int64_t k_block) {
         TORCH_CHECK(fastmlp::cpu::set_k_block_override(k_block), "fastmlp: the K block must be a multiple of 16 ",
                     "from 16 to 1024, or 0 for each CPU's own, got ", k_block);

@@ -161,7 +161,7 @@ else:
             stacklevel=2,
         )
     _kblock_env = os.environ.get("FASTMLP_CPU_KBLOCK", "")
-    if _kblock_env and not (_kblock_env.isdigit() and 16 <= int(_kblock_env) <= 1024 and int(_kblock_env) % 16 == 0):
+    if _kblock_env and _C.cpu_k_block_override() == 0:  # the extension ignored it
         warnings.warn(
             f"fastmlp: FASTMLP_CPU_KBLOCK={_kblock_env} is not a multiple of 16 from 16 to 1024; using this "
             f"CPU's K block ({_C.cpu_k_block()})",

@@ -1,6 +1,6 @@
-"""The K block of the CPU GEMMs (rows of B per packed panel; tuned per kind of CPU, csrc/cpu/dispatch.cpp
-float_k_block) changes speed only: every element is summed in the same order whatever the block, so
-each result must be the same bits under any block. Small blocks also run the paths a sum of many
+"""The K block of the CPU GEMMs (rows of B per packed panel; tuned per kind of CPU,
+csrc/cpu/dispatch.cpp avx512_float_k_block) changes speed only: every element is summed in the same
+order whatever the block, so each result must be the same bits under any block. Small blocks also run the paths a sum of many
 blocks takes (partial sums parked in C, the whole step's weight gradient in its `partial` buffer)
 on shapes whose sums fit one block of the CPU's own."""
 

@@ -106,6 +106,19 @@ int amd_family() {
 #endif
 }
 
+bool valid_k_block(int64_t v) { return v >= 16 && v <= 1024 && v % 16 == 0; }
+
+std::atomic<int64_t>& k_override() {
+  static std::atomic<int64_t> k{[]() -> int64_t {
+    const char* env = std::getenv("FASTMLP_CPU_KBLOCK");
+    if (!env || !*env) return 0;
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    return *end == '\0' && valid_k_block(v) ? v : 0;  // else fastmlp/_ops.py warns
+  }()};
+  return k;
+}
+
 std::atomic<const Kernels*>& current() {
   static std::atomic<const Kernels*> k{[] {
     const char* env = std::getenv("FASTMLP_CPU_ISA");
@@ -119,28 +132,12 @@ std::atomic<const Kernels*>& current() {
 
 }  // namespace
 
-int64_t float_k_block(const char* isa, int64_t fallback) {
-  // Zen 4 (family 0x19 with AVX-512; Zen 3 has none) runs the avx512 float32 GEMMs faster with K = 784
-  // in two blocks of 392 than in seven of 112: training epochs 6-14%, layers up to 15% (BENCHMARKS.md).
-  // Elsewhere the blocks stay as measured there (Zen 5: 128 for avx512).
-  if (std::strcmp(isa, "avx512") == 0 && amd_family() == 0x19 && cpu_has("avx512")) return 400;
-  return fallback;
+int64_t avx512_float_k_block() {
+  // Zen 4 (family 0x19 with AVX-512; Zen 3 has none, and this table exists only on AVX-512 CPUs) runs
+  // the avx512 float32 GEMMs faster with K = 784 in two blocks of 392 than in seven of 112: training
+  // epochs 5-13%, layers up to 12% (BENCHMARKS.md). Elsewhere the kernel's 128 (tuned on Zen 5).
+  return amd_family() == 0x19 ? 400 : 0;
 }
-
-namespace {
-bool valid_k_block(int64_t v) { return v >= 16 && v <= 1024 && v % 16 == 0; }
-
-std::atomic<int64_t>& k_override() {
-  static std::atomic<int64_t> k{[]() -> int64_t {
-    const char* env = std::getenv("FASTMLP_CPU_KBLOCK");
-    if (!env || !*env) return 0;
-    char* end = nullptr;
-    const long long v = std::strtoll(env, &end, 10);
-    return *end == '\0' && valid_k_block(v) ? v : 0;  // else fastmlp/_ops.py warns
-  }()};
-  return k;
-}
-}  // namespace
 
 int64_t k_block_override() { return k_override().load(std::memory_order_relaxed); }
 

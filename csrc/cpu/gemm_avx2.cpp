@@ -18,7 +18,7 @@ namespace fastmlp::cpu {
 const Kernels& kernels_avx2() {
   using F = avx2::GemmImpl<avx2::VecAvx2F32, 6, 2, 256>;
   using D = avx2::GemmImpl<avx2::VecAvx2F64, 6, 2, 256>;
-  static const Kernels k{"avx2", F::table(float_k_block("avx2", 256)), D::table()};
+  static const Kernels k{"avx2", F::table(), D::table()};
   return k;
 }
 

@@ -12,12 +12,12 @@
 namespace fastmlp::cpu {
 
 // 6 x 64 floats: 24 accumulators + 4 B vectors + 1 broadcast of the 32 zmm registers. The float32 K
-// block is the CPU's (float_k_block): 128 rows, a panel of B of up to 32 KiB that L1 can keep while
-// rows of A stream past it, except where longer blocks measured faster (Zen 4: 400).
+// block is the CPU's (avx512_float_k_block): 128 rows, a panel of B of up to 32 KiB that L1 can keep
+// while rows of A stream past it, except where longer blocks measured faster (Zen 4: 400).
 const Kernels& kernels_avx512() {
   using F = avx512::GemmImpl<avx512::VecAvx512F32, 6, 4, 128, 192, 8>;
   using D = avx512::GemmImpl<avx512::VecAvx512F64, 6, 4, 128, 192, 8>;
-  static const Kernels k{"avx512", F::table(float_k_block("avx512", 128)), D::table()};
+  static const Kernels k{"avx512", F::table(avx512_float_k_block()), D::table()};
   return k;
 }
 

@@ -612,8 +612,8 @@ struct GemmImpl {
     if (j < n) V::store_n(dst + j, round_bf16(V::load_n(src + j, int(n - j))), int(n - j));
   }
 
-  // k_block: the K block for run_gemm to name (this CPU's: float_k_block in kernels.h).
-  static KernelTable<T> table(int64_t k_block = KC) {
+  // k_block: the K block for run_gemm to name, or 0 for KC (this CPU's: avx512_float_k_block).
+  static KernelTable<T> table(int64_t k_block = 0) {
     KernelTable<T> k;
     k.gemm_block = &gemm_block;
     k.drelu_bias_grad = &drelu_bias_grad;
@@ -622,7 +622,7 @@ struct GemmImpl {
     k.round_bf16 = kRounds ? &round_copy : nullptr;
     k.panel_cols = NRW;
     k.rows_per_tile = MR;
-    k.inner_block = k_block;
+    k.inner_block = k_block > 0 ? k_block : KC;
     k.col_align = NRW;
     return k;
   }

@@ -134,7 +134,7 @@ struct KernelTable {
   void (*round_bf16)(const T* src, T* dst, int64_t n);
   int64_t panel_cols;     // width of one packed B panel (columns a micro-kernel produces at once)
   int64_t rows_per_tile;  // rows of C a micro-kernel produces at once
-  int64_t inner_block;    // K block on this CPU (float_k_block); longer sums park partial results in C
+  int64_t inner_block;    // K block on this CPU; longer sums park partial results in C
   int64_t col_align;   // alignment of column ranges (a multiple of 8)
 };
 
@@ -156,13 +156,14 @@ const Kernels& kernels_avx2();
 const Kernels& kernels_avx512();
 #endif
 
-// The K block of the float32 GEMM of `isa` ("avx512" or "avx2") measured best on this kind of CPU
-// (BENCHMARKS.md), else `fallback`.
-int64_t float_k_block(const char* isa, int64_t fallback);
+// The K block of the avx512 float32 GEMM measured best on this kind of CPU (BENCHMARKS.md), or 0 where
+// the kernel's own serves.
+int64_t avx512_float_k_block();
 
 // A K block for every CPU GEMM instead of each table's inner_block, or 0 for none: a tuning aid (any
 // multiple of 16 from 16 to 1024; results are the same bits whatever the block). Starts as
-// $FASTMLP_CPU_KBLOCK when that is such a number. set_k_block_override returns false for another value.
+// $FASTMLP_CPU_KBLOCK when that is such a number (0 otherwise: fastmlp/_ops.py warns about a set
+// variable it ignored). set_k_block_override returns false for another value.
 int64_t k_block_override();
 bool set_k_block_override(int64_t k_block);
 
